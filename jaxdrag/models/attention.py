@@ -1,0 +1,136 @@
+"""Attention: a kernel dispatcher (cuDNN fused / XLA) and the attention modules of the UNet, VAE
+and CLIP, with PyTorch-mirroring parameter names.
+
+All kernels take q, k, v as (B, T, N, H): batch, tokens, heads, head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import GroupNorm, Identity, Linear
+
+Array = jax.Array
+
+
+def _xla_attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
+    """softmax(q kᵀ/√H) v with float32 logits and softmax; output in q's dtype."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if causal:
+        t, s = logits.shape[-2:]
+        mask = jnp.tril(jnp.ones((t, s), bool))
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def cudnn_applies(q: Array, impl: str) -> bool:
+    """Whether the cuDNN fused kernel is used for these inputs under ``impl``."""
+    if impl == "xla":
+        return False
+    ok = (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+          and jax.default_backend() == "gpu")
+    if impl == "cudnn" and not ok:
+        raise ValueError(f"cuDNN attention needs a GPU, 16-bit inputs and a head dim ≤ 256 that is a "
+                         f"multiple of 8; got dtype {q.dtype}, head dim {q.shape[-1]} on "
+                         f"{jax.default_backend()}")
+    return ok
+
+
+def attention(q: Array, k: Array, v: Array, *, causal: bool = False, impl: str = "auto") -> Array:
+    """Scaled dot-product attention, (B, T, N, H) → (B, T, N, H)."""
+    if cudnn_applies(q, impl):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    return _xla_attention(q, k, v, causal)
+
+
+def reference_attention(q: Array, k: Array, v: Array, *, impl: str = "auto") -> Array:
+    """Mutual self-attention (MasaCtrl): every batch row's queries attend to the keys and values
+    of row 0 only: out_b = softmax(Q_b K_0ᵀ/√H) V_0. Implemented as one attention call with the
+    queries of all rows concatenated along the token axis."""
+    b, t, n, h = q.shape
+    out = attention(q.reshape(1, b * t, n, h), k[:1], v[:1], impl=impl)
+    return out.reshape(b, t, n, h)
+
+
+class CrossAttention(nnx.Module):
+    """diffusers ``Attention`` as used in SD transformer blocks: to_q/to_k/to_v without bias,
+    to_out.0 with bias, ``heads`` heads of width ``dim_head``; LoRA on all four projections.
+
+    x: (B, T, query_dim); context: (B, S, context_dim) or None for self-attention.
+    ``reference=True`` switches self-attention to ``reference_attention`` (row 0's keys/values).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, *,
+                 lora_rank: int = 0, dtype=jnp.float32, attn_impl: str = "auto", rngs: nnx.Rngs):
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        kw = dict(lora_rank=lora_rank, dtype=dtype, rngs=rngs)
+        self.to_q = Linear(query_dim, inner, use_bias=False, **kw)
+        self.to_k = Linear(context_dim, inner, use_bias=False, **kw)
+        self.to_v = Linear(context_dim, inner, use_bias=False, **kw)
+        self.to_out = nnx.List([Linear(inner, query_dim, use_bias=True, **kw), Identity()])
+        self.heads = heads
+        self.attn_impl = attn_impl
+
+    def __call__(self, x: Array, context: Array | None = None, *, reference: bool = False) -> Array:
+        ctx = x if context is None else context
+        b, t, _ = x.shape
+        q = self.to_q(x).reshape(b, t, self.heads, -1)
+        k = self.to_k(ctx).reshape(b, ctx.shape[1], self.heads, -1)
+        v = self.to_v(ctx).reshape(b, ctx.shape[1], self.heads, -1)
+        if reference:
+            out = reference_attention(q, k, v, impl=self.attn_impl)
+        else:
+            out = attention(q, k, v, impl=self.attn_impl)
+        return self.to_out[0](out.reshape(b, t, -1))
+
+
+class SpatialSelfAttention(nnx.Module):
+    """The VAE mid-block attention (diffusers ``Attention`` with ``group_norm``, one head of width
+    C, biases everywhere, residual connection). x: (B, H, W, C) → same."""
+
+    def __init__(self, channels: int, *, groups: int, eps: float, dtype=jnp.float32,
+                 attn_impl: str = "auto", rngs: nnx.Rngs):
+        self.group_norm = GroupNorm(groups, channels, eps=eps, dtype=dtype)
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.to_q = Linear(channels, channels, **kw)
+        self.to_k = Linear(channels, channels, **kw)
+        self.to_v = Linear(channels, channels, **kw)
+        self.to_out = nnx.List([Linear(channels, channels, **kw), Identity()])
+        self.attn_impl = attn_impl
+
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        y = self.group_norm(x).reshape(b, h * w, c)
+        q = self.to_q(y).reshape(b, h * w, 1, c)
+        k = self.to_k(y).reshape(b, h * w, 1, c)
+        v = self.to_v(y).reshape(b, h * w, 1, c)
+        out = attention(q, k, v, impl=self.attn_impl)  # head dim C (512): XLA path (see precision.py)
+        out = self.to_out[0](out.reshape(b, h * w, c)).reshape(b, h, w, c)
+        return out + x.astype(out.dtype)
+
+
+class CLIPAttention(nnx.Module):
+    """HF ``CLIPAttention``: q/k/v/out projections with bias; optional causal mask."""
+
+    def __init__(self, dim: int, heads: int, *, dtype=jnp.float32, attn_impl: str = "auto",
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(dim, dim, **kw)
+        self.k_proj = Linear(dim, dim, **kw)
+        self.v_proj = Linear(dim, dim, **kw)
+        self.out_proj = Linear(dim, dim, **kw)
+        self.heads = heads
+        self.attn_impl = attn_impl
+
+    def __call__(self, x: Array, *, causal: bool) -> Array:
+        b, t, d = x.shape
+        q = self.q_proj(x).reshape(b, t, self.heads, -1)
+        k = self.k_proj(x).reshape(b, t, self.heads, -1)
+        v = self.v_proj(x).reshape(b, t, self.heads, -1)
+        out = attention(q, k, v, causal=causal, impl=self.attn_impl)
+        return self.out_proj(out.reshape(b, t, d))

@@ -1,0 +1,196 @@
+"""Primitive NNX layers whose parameter paths mirror PyTorch module names.
+
+Every layer keeps its parameters in float32 (`nnx.Param`) and computes in the module's ``dtype``
+(float32 on CPU, bfloat16 on accelerators; see ``jaxdrag.precision``). Normalisation statistics are
+always taken in float32 with the two-pass variance ``mean((x - mean)^2)``, as PyTorch does; Flax's
+built-in norms default to the one-pass "fast variance" and epsilon 1e-6, which breaks parity.
+
+Layout conventions: images and feature maps are NHWC; sequences are (B, T, C).
+Parameter leaves are named like the converted PyTorch leaves: ``kernel`` (Linear ``weight.T``,
+Conv ``weight`` OIHW→HWIO), ``bias``, ``scale`` (norm ``weight``), ``embedding`` (Embedding ``weight``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+def _uniform(rngs: nnx.Rngs, shape, bound: float) -> Array:
+    """PyTorch-style default init: U(-bound, bound), float32."""
+    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+
+
+class Identity(nnx.Module):
+    """Parameter-free placeholder (stands for ``nn.Dropout`` so list indices match PyTorch)."""
+
+    def __call__(self, x: Array) -> Array:
+        return x
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias. kernel: (in, out) float32; x: (..., in) → (..., out) in ``dtype``.
+
+    With ``lora_rank > 0`` the layer also holds a LoRA pair in its own variable type
+    (``nnx.LoRAParam``) so it can be split from the shared base weights and batched per edit:
+    y += (x @ lora_a) @ lora_b. ``lora_a`` (in, r) ~ N(0, (1/r)^2), ``lora_b`` (r, out) = 0 — the
+    diffusers ``LoRALinearLayer`` init that DragDiffusion trains (scale 1, no alpha).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 lora_rank: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_features)
+        self.kernel = nnx.Param(_uniform(rngs, (in_features, out_features), bound))
+        self.bias = nnx.Param(_uniform(rngs, (out_features,), bound)) if use_bias else None
+        if lora_rank > 0:
+            self.lora_a = nnx.LoRAParam(
+                jax.random.normal(rngs.params(), (in_features, lora_rank), jnp.float32) / lora_rank)
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, out_features), jnp.float32))
+        else:
+            self.lora_a = None
+            self.lora_b = None
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        if self.lora_a is not None:
+            y = y + jnp.dot(jnp.dot(x, self.lora_a[...].astype(self.dtype)),
+                            self.lora_b[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Conv2d(nnx.Module):
+    """2-D convolution, NHWC, kernel HWIO float32. ``padding`` is PyTorch's symmetric padding;
+    ``pad_mode="asym01"`` pads (0, 1) on both spatial axes with padding 0 (the VAE encoder's
+    downsampler, ``F.pad(x, (0, 1, 0, 1))``)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, pad_mode: str = "sym", use_bias: bool = True,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_ch * kernel_size * kernel_size)
+        self.kernel = nnx.Param(_uniform(rngs, (kernel_size, kernel_size, in_ch, out_ch), bound))
+        self.bias = nnx.Param(_uniform(rngs, (out_ch,), bound)) if use_bias else None
+        self.stride = stride
+        if pad_mode == "asym01":
+            self.padding = ((0, 1), (0, 1))
+        else:
+            self.padding = ((padding, padding), (padding, padding))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+            window_strides=(self.stride, self.stride), padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over NHWC (or (B, T, C)) input: float32 two-pass statistics per (sample, group)."""
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels are not divisible into "
+                             f"{num_groups} groups")
+        self.num_groups = num_groups
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        shape = x.shape
+        c = shape[-1]
+        xf = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        y = y * self.scale[...] + self.bias[...]
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with float32 two-pass statistics."""
+
+    def __init__(self, num_features: int, *, eps: float, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Lookup table (num, dim) float32; ids (...,) int → (..., dim) in ``dtype``."""
+
+    def __init__(self, num: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num, dim), jnp.float32) * 0.02)
+        self.dtype = dtype
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+def quick_gelu(x: Array) -> Array:
+    """OpenAI CLIP's activation: x · sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: Array) -> Array:
+    """erf-based GELU (PyTorch ``F.gelu`` default; Flax defaults to the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def nearest_resize(x: Array, out_hw: tuple[int, int]) -> Array:
+    """PyTorch ``F.interpolate(mode="nearest", size=out_hw)`` for NHWC input.
+
+    Source index = min(floor(dst · in/out), in − 1) computed in float32 as PyTorch does; for an
+    exact ×2 this is ``dst // 2``. Used by the UNet upsamplers, which diffusers drives with the skip
+    connection's size when the latent is not a multiple of 2^(number of upsamplers).
+    """
+    idx = []
+    for ax, out in zip((1, 2), out_hw):
+        n_in = x.shape[ax]
+        scale = np.float32(n_in) / np.float32(out)
+        src = np.floor(np.arange(out, dtype=np.float32) * scale).astype(np.int64)
+        idx.append(np.minimum(src, n_in - 1))
+    if out_hw == (2 * x.shape[1], 2 * x.shape[2]):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return x[:, idx[0]][:, :, idx[1]]
+
+
+def timestep_embedding(t: Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> Array:
+    """Sinusoidal timestep embedding as diffusers ``get_timestep_embedding``.
+
+    t: (B,) timesteps (int or float). Returns (B, dim) float32, ordered [cos, sin] when
+    ``flip_sin_to_cos`` (SD-1.5), else [sin, cos].
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    emb = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb

@@ -1,0 +1,49 @@
+"""The precision policy, in one place.
+
+- Parameters, latents, text embeddings, optimiser states, losses and normalisation statistics are
+  float32 everywhere.
+- Activations and matmul/conv inputs use ``Policy.compute`` (float32 on CPU; bfloat16 on GPU/TPU
+  by default). Every network's final projection back to latent/pixel space (UNet ``conv_out``,
+  VAE ``conv_out``) runs in float32, as maxdiffusion does.
+- Attention uses cuDNN's fused kernel where it applies (GPU, 16-bit inputs, head dim ≤ 256 and a
+  multiple of 8) and XLA's einsum-softmax-einsum elsewhere (CPU, float32, the VAE's 512-wide head).
+- Parity tests additionally run under ``jax.default_matmul_precision("highest")`` (float32 matmuls
+  default to TF32 on NVIDIA GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """compute: activation dtype; attention: "auto" | "xla" | "cudnn"."""
+
+    compute: Any = jnp.float32
+    attention: str = "auto"
+
+
+def resolve_dtype(dtype: Any = "auto") -> Any:
+    """"auto" → bfloat16 on GPU/TPU, float32 on CPU; names and jnp dtypes pass through."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if isinstance(dtype, str):
+        try:
+            return _DTYPES[dtype.lower()]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
+    return jnp.dtype(dtype).type
+
+
+def policy_for(dtype: Any = "auto", attention: str = "auto") -> Policy:
+    if attention not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"attention implementation must be 'auto', 'xla' or 'cudnn', got {attention!r}")
+    return Policy(compute=resolve_dtype(dtype), attention=attention)
