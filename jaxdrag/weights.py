@@ -192,10 +192,10 @@ def assign(abstract_state: nnx.State, tensors: Mapping[str, Callable[[], np.ndar
         if got != shape:
             raise WeightsError(f"{where(k)}: key {k!r} has shape {got}, expected {shape}")
         values[path] = jnp.asarray(to_flax(path[-1], tensors[k]()))
-    return _from_flat(abstract_state, values)
+    return from_flat(abstract_state, values)
 
 
-def _from_flat(abstract_state: nnx.State, values: dict[PathT, Any]) -> nnx.State:
+def from_flat(abstract_state: nnx.State, values: dict[PathT, Any]) -> nnx.State:
     pure = nnx.to_pure_dict(abstract_state)
 
     def put(d, path, v):
@@ -562,3 +562,36 @@ def to_ldm_single_file(unet: Mapping[str, np.ndarray], vae: Mapping[str, np.ndar
     for k, v in text.items():
         out[LDM_TEXT + k] = v
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# whole models
+
+
+@dataclass
+class SDComponents:
+    unet: Component
+    vae: Component
+    text_encoder: Component
+    tokenizer_dir: Path | None  # None: use the bundled SD-1.5 tokenizer
+    source: Path
+
+
+def load_sd(path: str | Path, *, dtype, attn_impl: str = "auto", lora_rank: int = 16) -> SDComponents:
+    """An SD-1.x model from a diffusers folder or an LDM single ``.safetensors`` file."""
+    path = Path(path)
+    if path.is_dir():
+        missing = [c for c in ("unet", "vae", "text_encoder") if not (path / c).is_dir()]
+        if missing:
+            raise WeightsError(f"{path}: not a diffusers model folder (missing {', '.join(missing)}/)")
+        tok = path / "tokenizer"
+        return SDComponents(
+            unet=load_diffusers_unet(path / "unet", dtype=dtype, attn_impl=attn_impl, lora_rank=lora_rank),
+            vae=load_diffusers_vae(path / "vae", dtype=dtype, attn_impl=attn_impl),
+            text_encoder=load_hf_text_encoder(path / "text_encoder", dtype=dtype, attn_impl=attn_impl),
+            tokenizer_dir=tok if (tok / "vocab.json").exists() else None, source=path)
+    if path.is_file():
+        unet, vae, text = load_single_file(path, dtype=dtype, attn_impl=attn_impl, lora_rank=lora_rank)
+        return SDComponents(unet, vae, text, None, path)
+    raise WeightsError(f"{path}: no such model folder or file (expected a diffusers folder or an SD-1.x "
+                       f".safetensors single file)")

@@ -1,0 +1,274 @@
+"""The drag loop: one jitted step over a state pytree, one ``lax.while_loop``, batched over edits.
+
+The engine is written against two pure network functions (``DragNetworks``), so it runs on a
+small differentiable stand-in in tests and unchanged on the SD-1.5 UNet:
+
+  features(shared, edit, z, c, t) -> (eps (h, w, 4), f_lat (h', w', C))
+      one UNet forward: ε and the supervision feature map (``up_blocks[2]`` output for SD-1.5)
+  clip_image(shared, x0) -> (P,)
+      CLIP image embedding of the decoded x̂0 (only for CLIPDrag)
+
+``shared`` (the base weights, one copy) is broadcast; ``edit`` (per-edit LoRA), the inputs and
+the state carry a leading batch axis. All hyperparameters that are continuous (learning rates,
+λ, λ_text, fusion weight, κ) are per-edit arrays in ``DragHypers``: a sweep is just a batch.
+
+One iteration (ALGORITHMS.md §2, §3.3, §4), for every edit that is still live:
+  1. one forward (ε_k, F_k) = features(z_k, ĉ_k)  — the only network forward of the iteration;
+  2. tracking (not at k = 0): handles ← nearest neighbour of the templates in F_k;
+  3. stop test: every valid pair within 2 px → the edit is done (no update);
+  4. losses on that forward: motion supervision + background (local), DragText's text loss,
+     CLIPDrag's global loss; their gradients are VJPs of the same forward with several
+     cotangents (one batched backward);
+  5. CLIPDrag: fuse the local and global latent gradients; Adam steps on z (and ĉ).
+Finished (or capped) edits are frozen by mask while the others continue.
+
+DragText gradients (§3.3): the latent gets ∇_z L with L = L_ms + L_bg; the text embedding gets
+∇_ĉ(L + L_text), L_text = L_ms + n_active·λ_t·reg, as the reference computes them. The reference
+also leaks ∇_z L_ms of iteration k into the latent step of k+1 (a stale gradient never cleared,
+flagged QUIRK); by default we do not (the paper's update), ``stale_latent_grad=True`` reproduces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..schedule import DDIM, ddim_step, predict_x0
+from .fusion import RULES, fuse
+from .losses import (STOP_DISTANCE, background_loss, clip_loss, motion_supervision, reference_patches,
+                     text_regularizer, upsample_features)
+from .tracking import templates, track
+
+Array = jax.Array
+
+
+@dataclass(frozen=True, eq=False)
+class DragNetworks:
+    """The two network functions the engine calls (hashed by identity: build once, reuse)."""
+
+    features: Callable
+    clip_image: Callable | None = None
+
+
+@dataclass(frozen=True)
+class DragConfig:
+    """Static (structural) settings; changing one recompiles. Defaults: DragDiffusion."""
+
+    r_m: int = 1                    # motion-supervision patch radius r1
+    r_p: int = 3                    # tracking window radius r2
+    max_step: float = 1.0           # β: step length min(β, distance); 1 = DragDiffusion's unit step
+    ms_reference: str = "current"   # "current" (DragDiffusion) | "initial" (CLIPDrag, GoodDrag)
+    ms_weight: float | None = None  # None = (2r1+1)²
+    tracking: str = "nearest"       # "nearest" | "fast" (CLIPDrag)
+    max_iters: int = 80
+    optimize_text: bool = False     # DragText
+    use_clip: bool = False          # CLIPDrag's global gradient and fusion
+    fusion: str = "paper"           # "paper" | "code" | "project"
+    stale_latent_grad: bool = False  # reproduce DragText's stale latent gradient (QUIRK)
+    sup_hw: tuple[int, int] = (256, 256)  # supervision resolution (h_s, w_s) = (H//2, W//2)
+    schedule: DDIM = field(default_factory=DDIM)
+
+    def __post_init__(self):
+        if self.ms_reference not in ("current", "initial"):
+            raise ValueError(f"ms_reference must be 'current' or 'initial', got {self.ms_reference!r}")
+        if self.tracking not in ("nearest", "fast"):
+            raise ValueError(f"tracking must be 'nearest' or 'fast', got {self.tracking!r}")
+        if self.fusion not in RULES:
+            raise ValueError(f"fusion must be one of {RULES}, got {self.fusion!r}")
+        for name in ("r_m", "r_p", "max_iters"):
+            if int(getattr(self, name)) < (0 if name != "max_iters" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_step <= 0:
+            raise ValueError(f"max_step must be > 0, got {self.max_step}")
+
+
+class DragHypers(NamedTuple):
+    """Continuous hyperparameters, each a float32 array (per edit when batched)."""
+
+    latent_lr: Array
+    text_lr: Array
+    lam: Array          # background weight λ
+    text_lam: Array     # DragText λ_t
+    fuse_weight: Array  # CLIPDrag fusion λ
+    clip_coef: Array    # CLIPDrag κ
+
+    @classmethod
+    def make(cls, latent_lr=0.01, text_lr=0.004, lam=0.1, text_lam=0.1, fuse_weight=0.7,
+             clip_coef=300.0) -> "DragHypers":
+        return cls(*(jnp.asarray(v, jnp.float32) for v in
+                     (latent_lr, text_lr, lam, text_lam, fuse_weight, clip_coef)))
+
+
+class DragInputs(NamedTuple):
+    """Per-edit constants of the loop (see ``prepare``)."""
+
+    z0: Array            # (h, w, 4) the inverted latent z* (t = t*)
+    c0: Array            # (T, D) original text embedding
+    phi0: Array          # (h, w, 4) Φ(z*), the one-step DDIM prediction of the unedited latent
+    tmpl: Array          # (N, C) tracking templates F0[⌊p0⌋]
+    ref: Array           # (N, 2r1+1, 2r1+1, C) F0 patches at p0 ("initial" reference) or (N, 0)
+    handles0: Array      # (N, 2)
+    targets: Array       # (N, 2)
+    mask: Array          # (N,) bool
+    keep: Array          # (h, w, 1) background weight map (zeros = no background term)
+    token_mask: Array    # (T,) DragText regularised positions
+    clip_text: Array     # (P,) CLIP text embedding of the edit prompt ((1,) if unused)
+    t_star: Array        # () int32
+    hypers: DragHypers
+
+
+class DragState(NamedTuple):
+    z: Array
+    c: Array
+    opt_z: Any
+    opt_c: Any
+    handles: Array       # (N, 2) current handles (integer-valued)
+    it: Array            # () int32 latent updates applied
+    done: Array          # () bool every valid handle within 2 px of its target
+    traj: Array          # (max_iters + 1, N, 2) handles after tracking at each iteration
+    losses: Array        # (max_iters,) total loss at each update (NaN where none)
+    stale: Array         # (h, w, 4) ∇_z L_ms of the previous iteration (stale_latent_grad only)
+
+
+_ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+
+def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Array, handles0: Array,
+            targets: Array, mask: Array, keep: Array, token_mask: Array, clip_text: Array,
+            t_star: Array, hypers: DragHypers) -> tuple[DragInputs, DragState]:
+    """One forward at (z*, c) → F0 and Φ(z*); the loop's constants and initial state (one edit)."""
+    eps0, f_lat0 = nets.features(shared, edit, z0, c0, t_star)
+    f0 = upsample_features(f_lat0, cfg.sup_hw)
+    phi0 = ddim_step(cfg.schedule, z0, eps0, t_star)
+    tmpl = templates(f0, handles0)
+    if cfg.ms_reference == "initial":
+        ref = reference_patches(f0, handles0, cfg.r_m)
+    else:
+        ref = jnp.zeros((handles0.shape[0], 0), f0.dtype)
+    inputs = DragInputs(z0, c0, phi0, tmpl, ref, handles0, targets, mask, keep, token_mask, clip_text,
+                        jnp.asarray(t_star, jnp.int32), hypers)
+    n = handles0.shape[0]
+    state = DragState(
+        z=z0, c=c0, opt_z=_ADAM.init(z0), opt_c=_ADAM.init(c0), handles=handles0,
+        it=jnp.int32(0), done=jnp.bool_(False),
+        traj=jnp.zeros((cfg.max_iters + 1, n, 2), jnp.float32).at[0].set(handles0),
+        losses=jnp.full((cfg.max_iters,), jnp.nan, jnp.float32), stale=jnp.zeros_like(z0))
+    return inputs, state
+
+
+def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st: DragState) -> DragState:
+    """One iteration for one edit (see the module docstring); frozen edits return ``st``."""
+    hp = inp.hypers
+    sched = cfg.schedule
+    t = inp.t_star
+    (eps, f_lat), vjp = jax.vjp(lambda z, c: nets.features(shared, edit, z, c, t), st.z, st.c)
+    f = upsample_features(f_lat, cfg.sup_hw)
+
+    tracked = track(f, inp.tmpl, st.handles, inp.targets, inp.mask, r=cfg.r_p,
+                    fast=cfg.tracking == "fast")
+    handles = jnp.where(st.it > 0, tracked, st.handles)
+    dist = jnp.linalg.norm(inp.targets - handles, axis=-1)
+    active = inp.mask & (dist >= STOP_DISTANCE)
+    reached = ~jnp.any(active)
+
+    ref = dict(ref_patches=inp.ref, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
+
+    def local_loss(z, e, fl):
+        ms = motion_supervision(upsample_features(fl, cfg.sup_hw), handles, inp.targets, inp.mask,
+                                r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, **ref)
+        return ms + background_loss(ddim_step(sched, z, e, t), inp.phi0, inp.keep, hp.lam)
+
+    loss, (gz_local, geps_local, gf_local) = jax.value_and_grad(local_loss, argnums=(0, 1, 2))(
+        st.z, eps, f_lat)
+    cotangents = [(geps_local, gf_local)]
+    if cfg.optimize_text:
+        # ∇_ĉ(L + L_text) with L_text = L_ms + n·λ_t·reg: (∂/∂ε, ∂/∂F) = (∂L_bg/∂ε, 2 ∂L_ms/∂F)
+        cotangents.append((geps_local, 2.0 * gf_local))
+    if cfg.use_clip:
+        def global_loss(z, e):
+            return clip_loss(nets.clip_image(shared, predict_x0(sched, z, e, t)), inp.clip_text,
+                             hp.clip_coef)
+
+        gloss, (gz_global, geps_global) = jax.value_and_grad(global_loss, argnums=(0, 1))(st.z, eps)
+        cotangents.append((geps_global, jnp.zeros_like(f_lat)))
+        loss = loss + gloss
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *cotangents)
+    vz, vc = jax.vmap(vjp)(stacked)
+
+    g_local = gz_local + vz[0]
+    stale = st.stale
+    if cfg.optimize_text:
+        n_active = jnp.sum(active).astype(jnp.float32)
+        g_reg = jax.grad(text_regularizer)(st.c, inp.c0, inp.token_mask, n_active * hp.text_lam)
+        g_text = vc[1] + g_reg
+        loss = loss + n_active * text_regularizer(st.c, inp.c0, inp.token_mask, hp.text_lam)
+        if cfg.stale_latent_grad:
+            g_local = g_local + st.stale
+            stale = vz[1] - vz[0]  # ∇_z L_ms of this iteration, left in z.grad by the reference
+    g_z = g_local
+    if cfg.use_clip:
+        g_z = fuse(g_local, gz_global + vz[-1], hp.fuse_weight, cfg.fusion)
+
+    upd_z, opt_z = _ADAM.update(g_z, st.opt_z)
+    z_new = st.z - hp.latent_lr * upd_z
+    if cfg.optimize_text:
+        upd_c, opt_c = _ADAM.update(g_text, st.opt_c)
+        c_new = st.c - hp.text_lr * upd_c
+    else:
+        opt_c, c_new = st.opt_c, st.c
+
+    live = ~st.done & (st.it < cfg.max_iters)
+    update = live & ~reached
+
+    def pick(new, old, cond):
+        return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+
+    return DragState(
+        z=pick(z_new, st.z, update), c=pick(c_new, st.c, update),
+        opt_z=pick(opt_z, st.opt_z, update), opt_c=pick(opt_c, st.opt_c, update),
+        handles=pick(handles, st.handles, live),
+        it=st.it + update.astype(jnp.int32),
+        done=st.done | (live & reached),
+        traj=jnp.where(live, st.traj.at[st.it].set(handles), st.traj),
+        losses=jnp.where(update, st.losses.at[st.it].set(loss), st.losses),
+        stale=pick(stale, st.stale, update))
+
+
+def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs: DragInputs, state: DragState,
+        progress: Callable[[Any, Any], None] | None = None) -> DragState:
+    """``lax.while_loop`` of the batched step until every edit is done or at ``max_iters``.
+
+    Batched: ``edits``, ``inputs`` and ``state`` have a leading edit axis; ``shared`` does not.
+    ``progress(it, done)`` (host callback, optional) is called once per iteration."""
+    batched = jax.vmap(lambda e, i, s: step(nets, cfg, shared, e, i, s))
+
+    def cond(st):
+        return jnp.any(~st.done & (st.it < cfg.max_iters))
+
+    def body(st):
+        new = batched(edits, inputs, st)
+        if progress is not None:
+            jax.debug.callback(progress, new.it, new.done)
+        return new
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def prepare_batch(nets, cfg, shared, edits, *args):
+    """``prepare`` vmapped over edits (every argument after ``shared`` has a leading edit axis)."""
+    return jax.vmap(lambda e, *a: prepare(nets, cfg, shared, e, *a))(edits, *args)
+
+
+def make_runner(nets: DragNetworks, cfg: DragConfig, progress=None, donate: bool = True):
+    """jit(prepare_batch) and jit(run) for fixed networks/config: ``(prep, loop)`` with
+    ``prep(shared, edits, z0, c0, handles0, targets, mask, keep, token_mask, clip_text, t_star,
+    hypers)`` and ``loop(shared, edits, inputs, state)``. The state buffers are donated."""
+    prep = jax.jit(lambda shared, edits, *a: prepare_batch(nets, cfg, shared, edits, *a))
+    loop = jax.jit(lambda shared, edits, inputs, state: run(nets, cfg, shared, edits, inputs, state,
+                                                            progress),
+                   donate_argnums=(3,) if donate else ())
+    return prep, loop

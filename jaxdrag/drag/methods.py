@@ -1,0 +1,68 @@
+"""Method presets with the reference defaults (ALGORITHMS.md §2.1, §3, §4.2, §8), overridable.
+
+A preset is a ``DragConfig`` (static structure) plus ``DragHypers`` defaults (continuous values).
+``resolve(method, **overrides)`` applies overrides by name to whichever of the two holds the key
+and rejects unknown keys with the list of valid ones.
+
+Choices where the sources disagree (documented, all overridable):
+- CLIPDrag: the DragBench script's loop settings (r1 4, r2 12, max 40 iterations, lr 0.01, λ 0.1)
+  with the fusion weight 0.7 of the paper, the GUI and the author's advice (CLIPDrag issue #1)
+  rather than the bench script's 0.3. The GUI runs up to 800 iterations (``max_iters=800``).
+- Fusion rule ``paper`` (eq. 6 as printed); ``code`` reproduces the released sign.
+- The background term is applied only when a mask is drawn (DragDiffusion since Dec 2023, CLIPDrag
+  HEAD); DragBench has no empty masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .loop import DragConfig, DragHypers
+
+_PRESETS: dict[str, tuple[dict, dict]] = {
+    "dragdiffusion": (
+        dict(r_m=1, r_p=3, max_step=1.0, ms_reference="current", tracking="nearest", max_iters=80),
+        dict(latent_lr=0.01, lam=0.1),
+    ),
+    "dragtext": (
+        dict(r_m=1, r_p=3, max_step=1.0, ms_reference="current", tracking="nearest", max_iters=80,
+             optimize_text=True),
+        dict(latent_lr=0.01, lam=0.1, text_lr=0.004, text_lam=0.1),
+    ),
+    "clipdrag": (
+        dict(r_m=4, r_p=12, max_step=4.0, ms_reference="initial", tracking="fast", max_iters=40,
+             use_clip=True, fusion="paper"),
+        dict(latent_lr=0.01, lam=0.1, fuse_weight=0.7, clip_coef=300.0),
+    ),
+    "clipdrag+dragtext": (
+        dict(r_m=4, r_p=12, max_step=4.0, ms_reference="initial", tracking="fast", max_iters=40,
+             use_clip=True, fusion="paper", optimize_text=True),
+        dict(latent_lr=0.01, lam=0.1, fuse_weight=0.7, clip_coef=300.0, text_lr=0.004, text_lam=0.1),
+    ),
+}
+
+METHODS = tuple(_PRESETS)
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(DragConfig) if f.name not in ("sup_hw", "schedule"))
+HYPER_KEYS = DragHypers._fields
+
+
+def resolve(method: str, **overrides: Any) -> tuple[DragConfig, dict[str, float]]:
+    """(DragConfig without sup_hw, hyperparameter dict) for ``method`` with ``overrides``."""
+    key = method.lower()
+    if key not in _PRESETS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    cfg_kw, hyp = dict(_PRESETS[key][0]), dict(DragHypers.make()._asdict())
+    hyp = {k: float(v) for k, v in hyp.items()}
+    hyp.update(_PRESETS[key][1])
+    unknown = [k for k in overrides if k not in CONFIG_KEYS and k not in HYPER_KEYS]
+    if unknown:
+        raise ValueError(f"unknown drag setting(s) {unknown}; valid: {', '.join(CONFIG_KEYS + HYPER_KEYS)}")
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in HYPER_KEYS:
+            hyp[k] = float(v)
+        else:
+            cfg_kw[k] = v
+    return DragConfig(**cfg_kw), hyp

@@ -1,0 +1,585 @@
+"""The SD-1.5 networks as pure functions, and the editing pipeline (ALGORITHMS.md §1):
+
+  per-edit LoRA identity finetune → DDIM inversion to t* → drag loop (``jaxdrag.drag``) →
+  denoising of [z*, ẑ] from t* with reference (mutual self-) attention → VAE decode → uint8
+
+Every stage is one jitted function over a batch of edits that share an image shape: the base
+weights are shared, each edit carries its own LoRA, latents, text embedding, points and
+hyperparameters on a leading axis (``jax.vmap``). Stages are compiled ahead of time once per shape
+(``_Stages``) so per-stage timings separate compile time from run time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+
+from . import weights
+from .drag import DragConfig, DragHypers, DragNetworks, make_runner
+from .models.lora import init_lora
+from .precision import Policy, policy_for
+from .schedule import DDIM, add_noise, ddim_step, inversion_step
+from .tokenizer import Tokenizer
+
+Array = jax.Array
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# small pure helpers
+
+
+def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) averaging matrix of PyTorch's ``AdaptiveAvgPool`` along one axis:
+    row i averages inputs [⌊i·n_in/n_out⌋, ⌈(i+1)·n_in/n_out⌉)."""
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        a = (i * n_in) // n_out
+        b = -((-(i + 1) * n_in) // n_out)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
+def adaptive_avg_pool(images: Array, size: int) -> Array:
+    """(B, H, W, C) → (B, size, size, C), exactly ``nn.AdaptiveAvgPool2d(size)``."""
+    ph = jnp.asarray(pool_matrix(images.shape[1], size))
+    pw = jnp.asarray(pool_matrix(images.shape[2], size))
+    return jnp.einsum("oh,bhwc,pw->bopc", ph, images.astype(jnp.float32), pw,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def bilinear_resize(images: Array, hw: tuple[int, int]) -> Array:
+    """(B, H, W, C) → (B, h, w, C), PyTorch ``F.interpolate(mode="bilinear",
+    align_corners=False)`` without antialiasing (used on the decoded image)."""
+    b, _, _, c = images.shape
+    if images.shape[1:3] == tuple(hw):
+        return images
+    return jax.image.resize(images, (b, hw[0], hw[1], c), method="linear", antialias=False)
+
+
+def to_uint8(images: Array) -> Array:
+    """[-1, 1] → uint8 as the reference: clamp((x+1)/2, 0, 1)·255, truncated (not rounded)."""
+    return (jnp.clip((images + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """DragDiffusion's defaults (§1.4): rank 16 (fixed when the model is loaded), 80 steps of
+    AdamW (β (0.9, 0.999), weight decay 1e-2, ε 1e-8) at lr 5e-4, batch 4, constant lr."""
+
+    steps: int = 80
+    lr: float = 5e-4
+    batch: int = 4
+    weight_decay: float = 1e-2
+    chunk: int = 10  # steps per compiled call (progress granularity)
+
+
+class _Stages:
+    """Ahead-of-time compiled stage functions, cached per (stage, input shapes/dtypes)."""
+
+    def __init__(self):
+        self._cache: dict = {}
+        self.last_compile_s: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args):
+        leaves, tree = jax.tree.flatten(args)
+        key = (name, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        exe = self._cache.get(key)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = fn.lower(*args).compile()
+            self.last_compile_s[name] = self.last_compile_s.get(name, 0.0) + time.perf_counter() - t0
+            self._cache[key] = exe
+        return exe(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline object
+
+
+@dataclass(eq=False)
+class Pipeline:
+    """SD-1.5 networks (UNet with per-edit LoRA, VAE, CLIP text encoder; optional CLIP ViT) as
+    pure functions over explicit parameters, plus the jitted editing stages.
+
+    Public network methods (batch first; latents NHWC (B, H/8, W/8, 4) scaled by the VAE's
+    scaling factor; images (B, H, W, 3) float in [-1, 1]):
+      encode_prompt(prompts) → (B, 77, D); unet(latents, t, text_emb, lora=None) → ε;
+      vae_encode(images) → latents (posterior mean); vae_decode(latents) → images;
+      clip_image_embeds(images) → (B, P); clip_text_embeds(prompts) → (B, P).
+    """
+
+    sd: weights.SDComponents
+    tokenizer: Tokenizer
+    policy: Policy
+    clip: weights.Component | None = None
+    clip_tokenizer: Tokenizer | None = None
+    schedule: DDIM = field(default_factory=DDIM)
+    feature_block: int = 2  # DragDiffusion's unet_feature_idx 3 = up_blocks[2] output
+
+    def __post_init__(self):
+        self.stages = _Stages()
+        self._jit: dict = {}
+
+    # -------------------------------------------------------------- network functions (pure)
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.sd.vae.cfg.scaling_factor)
+
+    @property
+    def native_width(self) -> int:
+        """The width the model was trained at (the VAE's ``sample_size``: 512 for SD-1.5); the
+        reference resizes UI images to this width, keeping the aspect ratio."""
+        return int(self.sd.vae.cfg.sample_size)
+
+    def unet_apply(self, params, lora, x, t, ctx, *, reference: bool = False, mid_override=None):
+        m = nnx.merge(self.sd.unet.graphdef, lora, params)
+        return m(x, t, ctx, reference_attention=reference, mid_override=mid_override)
+
+    def vae_encode_apply(self, params, images):
+        return nnx.merge(self.sd.vae.graphdef, params).encode(images)
+
+    def vae_decode_apply(self, params, latents):
+        return nnx.merge(self.sd.vae.graphdef, params).decode(latents / self.scaling_factor)
+
+    def text_apply(self, params, ids):
+        return nnx.merge(self.sd.text_encoder.graphdef, params)(ids)[0]
+
+    def clip_image_apply(self, params, images, double_unit_map: bool = False):
+        """CLIPDrag's differentiable preprocessing + image tower: [-1, 1] images →
+        clamp((x+1)/2, 0, 1) → AdaptiveAvgPool to the CLIP input size → CLIP normalisation → ViT
+        → projection (unnormalised). ``double_unit_map`` reproduces the reference's second
+        (x+1)/2 mapping of the already-[0,1] image (QUIRK, §4.4)."""
+        m = nnx.merge(self.clip.graphdef, params)
+        x = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+        x = adaptive_avg_pool(x, m.vision_cfg.image_size)
+        if double_unit_map:
+            x = (x + 1.0) / 2.0
+        x = (x - CLIP_MEAN) / CLIP_STD
+        return m.image_embeds(x)
+
+    def clip_text_apply(self, params, ids):
+        return nnx.merge(self.clip.graphdef, params).text_embeds(ids)
+
+    def _j(self, name, fn, **kw):
+        if name not in self._jit:
+            self._jit[name] = jax.jit(fn, **kw)
+        return self._jit[name]
+
+    # -------------------------------------------------------------- public network methods
+    def encode_prompt(self, prompts: Sequence[str]) -> Array:
+        ids = jnp.asarray(self.tokenizer.ids(list(prompts)))
+        return self._j("text", self.text_apply)(self.sd.text_encoder.params, ids)
+
+    def unet(self, latents, t, text_emb, lora=None, *, reference: bool = False):
+        lora = lora if lora is not None else jax.tree.map(
+            lambda s: jnp.zeros(s.shape, jnp.float32), self.sd.unet.lora)
+        fn = self._j(f"unet_ref{reference}",
+                     lambda p, lo, x, t, c: self.unet_apply(p, lo, x, t, c, reference=reference)[0])
+        t = jnp.broadcast_to(jnp.asarray(t), (latents.shape[0],))
+        return fn(self.sd.unet.params, lora, jnp.asarray(latents, jnp.float32), t,
+                  jnp.asarray(text_emb, jnp.float32))
+
+    def vae_encode(self, images) -> Array:
+        fn = self._j("vae_enc", lambda p, x: self.vae_encode_apply(p, x)[0] * self.scaling_factor)
+        return fn(self.sd.vae.params, jnp.asarray(images, jnp.float32))
+
+    def vae_decode(self, latents) -> Array:
+        return self._j("vae_dec", self.vae_decode_apply)(self.sd.vae.params, jnp.asarray(latents, jnp.float32))
+
+    def _need_clip(self):
+        if self.clip is None:
+            raise ValueError("this pipeline has no CLIP model: pass clip=PATH to load_pipeline "
+                             "(an HF CLIP ViT-B/16 folder) for CLIPDrag")
+
+    def clip_image_embeds(self, images) -> Array:
+        self._need_clip()
+        return self._j("clip_img", self.clip_image_apply)(self.clip.params, jnp.asarray(images, jnp.float32))
+
+    def clip_text_embeds(self, prompts: Sequence[str]) -> Array:
+        self._need_clip()
+        ids = jnp.asarray(self.clip_tokenizer.ids(list(prompts)))
+        return self._j("clip_txt", self.clip_text_apply)(self.clip.params, ids)
+
+    # -------------------------------------------------------------- editing stages (batched)
+    def lora_template(self):
+        return self.sd.unet.lora
+
+    def _lora_chunk_fn(self, settings: LoRASettings, n: int, crop: tuple[int, int]):
+        """jit: n LoRA steps for a batch of edits (vmapped), returning (lora, opt, key, losses)."""
+        adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+        sched = self.schedule
+
+        def one_step(params, lora, opt, key, mean, std, ctx):
+            k_crop, k_lat, k_t, k_noise = jax.random.split(key, 4)
+            bs = settings.batch
+            hh, ww = mean.shape[:2]
+            ch, cw = crop
+            oy = jax.random.randint(k_crop, (bs,), 0, hh - ch + 1)
+            ox = jax.random.randint(jax.random.fold_in(k_crop, 1), (bs,), 0, ww - cw + 1)
+            stat = jnp.concatenate([mean, std], axis=-1)
+            crops = jax.vmap(lambda y, x: jax.lax.dynamic_slice(stat, (y, x, 0), (ch, cw, stat.shape[-1])))(oy, ox)
+            m_c, s_c = jnp.split(crops, 2, axis=-1)
+            z = (m_c + s_c * jax.random.normal(k_lat, m_c.shape)) * self.scaling_factor
+            t = jax.random.randint(k_t, (bs,), 0, sched.num_train_timesteps)
+            noise = jax.random.normal(k_noise, z.shape)
+            zt = add_noise(sched, z, noise, t)
+            ctx_b = jnp.broadcast_to(ctx, (bs,) + ctx.shape)
+
+            def loss_fn(lo):
+                eps = self.unet_apply(params, lo, zt, t, ctx_b)[0]
+                return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+
+            loss, g = jax.value_and_grad(loss_fn)(lora)
+            upd, opt = adam.update(g, opt)
+            lora = jax.tree.map(lambda p, u: p - settings.lr * (u + settings.weight_decay * p), lora, upd)
+            return lora, opt, loss
+
+        def chunk(params, loras, opts, keys, means, stds, ctxs):
+            def body(carry, _):
+                lo, op, ke = carry
+                ke, sub = jax.vmap(lambda k: tuple(jax.random.split(k)))(ke)
+                lo, op, loss = jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+                    params, lo, op, sub, means, stds, ctxs)
+                return (lo, op, ke), loss
+
+            (loras, opts, keys), losses = jax.lax.scan(body, (loras, opts, keys), None, length=n)
+            return loras, opts, keys, losses
+
+        return jax.jit(chunk, donate_argnums=(1, 2, 3))
+
+    def train_lora(self, images_lora: Array, ctx: Array, keys: Array, settings: LoRASettings,
+                   on_chunk: Callable[[int], None] | None = None):
+        """Per-edit LoRA identity finetune (§1.4), vmapped over edits.
+
+        images_lora: (B, H', W', 3) in [-1, 1], the image resized so its shorter side is the
+        model's native size; the latent posterior is encoded once (DragDiffusion issue #43) and
+        each step draws a fresh posterior sample, a random native-size crop in latent space (the
+        reference's RandomCrop; the identity for square images), timesteps and noise.
+        Returns (lora (B, …), losses (steps, B, )).
+        """
+        enc = self._j("vae_enc_post", lambda p, x: self.vae_encode_apply(p, x))
+        mean, logvar = self.stages("lora_encode", enc, self.sd.vae.params, images_lora)
+        std = jnp.exp(0.5 * logvar)
+        n_lat = self.native_width // 8
+        crop = (min(n_lat, mean.shape[1]), min(n_lat, mean.shape[2]))
+        b = images_lora.shape[0]
+        init = jax.vmap(lambda k: init_lora(self.sd.unet.lora, k))
+        k_init, k_steps = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
+        loras = init(k_init)
+        adam = optax.scale_by_adam()
+        opts = jax.vmap(adam.init)(loras)
+        losses = []
+        done = 0
+        while done < settings.steps:
+            n = min(settings.chunk, settings.steps - done)
+            key = ("lora", settings, n, crop)
+            if key not in self._jit:
+                self._jit[key] = self._lora_chunk_fn(settings, n, crop)
+            loras, opts, k_steps, l = self.stages("lora", self._jit[key], self.sd.unet.params, loras, opts,
+                                                  k_steps, mean, std, ctx)
+            losses.append(l)
+            done += n
+            if on_chunk is not None:
+                jax.block_until_ready(l)
+                on_chunk(n)
+        return loras, jnp.concatenate(losses, axis=0) if losses else jnp.zeros((0, b))
+
+    def invert(self, loras, z0: Array, ctx: Array, strength: float) -> Array:
+        """DDIM inversion z0 → z_{t*} (K = round(strength·50) steps, no CFG), per edit."""
+        ts = jnp.asarray(self.schedule.inversion_timesteps(strength), jnp.int32)
+
+        def one(params, lora, z, c):
+            def body(z, t):
+                eps = self.unet_apply(params, lora, z[None], t, c[None])[0][0]
+                return inversion_step(self.schedule, z, eps, t), None
+            return jax.lax.scan(body, z, ts)[0]
+
+        fn = self._j(("invert", strength), jax.vmap(one, in_axes=(None, 0, 0, 0)))
+        return self.stages("invert", fn, self.sd.unet.params, loras, z0, ctx)
+
+    def denoise(self, loras, z_src: Array, z_edit: Array, c_src: Array, c_edit: Array,
+                strength: float, reference: bool = True) -> Array:
+        """Denoise the pair [z*, ẑ] from t* to 0 (§1.5): the source branch on the original text
+        embedding, the edited branch on the optimised one, both with the edit's LoRA; with
+        ``reference`` the last six decoder self-attentions of both rows attend to the source
+        row's keys/values. Returns the edited branch's final latent (B, h, w, 4)."""
+        ts = jnp.asarray(self.schedule.denoise_timesteps(strength), jnp.int32)
+
+        def one(params, lora, zs, ze, cs, ce):
+            ctx = jnp.stack([cs, ce])
+
+            def body(z, t):
+                eps = self.unet_apply(params, lora, z, t, ctx, reference=reference)[0]
+                return ddim_step(self.schedule, z, eps, t), None
+            return jax.lax.scan(body, jnp.stack([zs, ze]), ts)[0][1]
+
+        fn = self._j(("denoise", strength, reference), jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0)))
+        return self.stages("denoise", fn, self.sd.unet.params, loras, z_src, z_edit, c_src, c_edit)
+
+    def decode_to_uint8(self, latents: Array, out_hw: tuple[int, int]) -> Array:
+        """VAE decode → clamp to [0, 1] → bilinear resize to ``out_hw`` → uint8 (truncated)."""
+        def fn(params, z):
+            return to_uint8(bilinear_resize(self.vae_decode_apply(params, z), out_hw))
+        return self.stages("decode", self._j(("decode", out_hw), fn), self.sd.vae.params, latents)
+
+    def encode_images(self, images: Array) -> Array:
+        """Posterior mean × scaling factor (the latent DragDiffusion inverts)."""
+        fn = self._j("vae_enc", lambda p, x: self.vae_encode_apply(p, x)[0] * self.scaling_factor)
+        return self.stages("encode", fn, self.sd.vae.params, images)
+
+    def encode_text_ids(self, ids) -> Array:
+        return self.stages("text", self._j("text", self.text_apply), self.sd.text_encoder.params,
+                           jnp.asarray(ids))
+
+    def drag_networks(self, clip_double_unit_map: bool = False) -> DragNetworks:
+        """The engine's network functions over this pipeline (cached: one object per setting)."""
+        key = ("nets", clip_double_unit_map)
+        if key not in self._jit:
+            fb = self.feature_block
+
+            def features(shared, edit, z, c, t):
+                eps, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None])
+                return eps[0].astype(jnp.float32), taps["up"][fb][0].astype(jnp.float32)
+
+            def clip_image(shared, x0):
+                img = self.vae_decode_apply(shared["vae"], x0[None])
+                return self.clip_image_apply(shared["clip"], img, clip_double_unit_map)[0]
+
+            self._jit[key] = DragNetworks(features, clip_image if self.clip is not None else None)
+        return self._jit[key]
+
+    def drag_runner(self, cfg: DragConfig, clip_double_unit_map: bool = False, progress=None):
+        key = ("runner", cfg, clip_double_unit_map, progress is not None)
+        if key not in self._jit:
+            self._jit[key] = make_runner(self.drag_networks(clip_double_unit_map), cfg, progress)
+        return self._jit[key]
+
+    def shared_params(self, use_clip: bool):
+        shared = {"unet": self.sd.unet.params}
+        if use_clip:
+            self._need_clip()
+            shared["vae"] = self.sd.vae.params
+            shared["clip"] = self.clip.params
+        return shared
+
+
+def load_pipeline(path: str | Path, clip: str | Path | None = None, dtype: Any = "auto", *,
+                  attention: str = "auto", lora_rank: int = 16) -> Pipeline:
+    """Load SD-1.x from a diffusers folder or an LDM single ``.safetensors`` file, and optionally
+    a CLIP model (HF folder, e.g. openai/clip-vit-base-patch16) for CLIPDrag.
+
+    dtype: compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); parameters stay float32.
+    lora_rank: rank of the per-edit LoRA (DragDiffusion: 16)."""
+    policy = policy_for(dtype, attention)
+    sd = weights.load_sd(path, dtype=policy.compute, attn_impl=policy.attention, lora_rank=lora_rank)
+    tok = Tokenizer(sd.tokenizer_dir)
+    clip_comp = clip_tok = None
+    if clip is not None:
+        clip_comp = weights.load_hf_clip(Path(clip), dtype=policy.compute, attn_impl=policy.attention)
+        clip_dir = Path(clip)
+        clip_tok = Tokenizer(clip_dir if (clip_dir / "vocab.json").exists() else None)
+    return Pipeline(sd=sd, tokenizer=tok, policy=policy, clip=clip_comp, clip_tokenizer=clip_tok)
+
+
+# ----------------------------------------------------------------------------------------------
+# editing: requests in, results out
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """Pipeline-level settings of an edit (the drag loop's are the method preset + overrides).
+
+    width: working width (None: the model's native width, 512 for SD-1.5 — the reference UI's
+    resize; 0: keep the input size). inversion_strength 0.7 → 35 DDIM steps, t* = 681.
+    reference_attention: mutual self-attention in the final denoise (MasaCtrl, on by default).
+    clip_double_unit_map: reproduce CLIPDrag's double [0, 1] mapping of the CLIP input (QUIRK).
+    """
+
+    method: str = "dragtext"
+    width: int | None = None
+    inversion_strength: float = 0.7
+    lora: LoRASettings = LoRASettings()
+    reference_attention: bool = True
+    clip_double_unit_map: bool = False
+    batch_size: int = 8
+
+
+def _pad_points(arrs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros((len(arrs), n, 2), np.float32)
+    mask = np.zeros((len(arrs), n), bool)
+    for i, a in enumerate(arrs):
+        out[i, :len(a)] = a
+        mask[i, :len(a)] = True
+    return out, mask
+
+
+def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig,
+               hypers: list[dict], progress: bool) -> list:
+    """Run one batch of prepared edits of a common working shape through every stage."""
+    from . import data as io
+
+    b = len(group)
+    timings: dict[str, float] = {}
+    pipe.stages.last_compile_s = {}
+
+    def timed(name, fn, *a, **k):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*a, **k))
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    reqs = [p.request for p in group]
+    sup_hw = group[0].sup_hw
+    cfg = replace(cfg, sup_hw=sup_hw)
+
+    ids = pipe.tokenizer.ids([r.prompt for r in reqs])
+    c0 = timed("text", pipe.encode_text_ids, ids)
+    token_mask = (np.arange(ids.shape[1])[None] < pipe.tokenizer.prompt_lengths([r.prompt for r in reqs])[:, None])
+    if cfg.use_clip:
+        et = timed("clip_text", pipe.clip_text_embeds, [r.edit_prompt or r.prompt for r in reqs])
+    else:
+        et = jnp.zeros((b, 1), jnp.float32)
+    images = jnp.asarray(np.stack([p.image for p in group]))
+    z0 = timed("encode", pipe.encode_images, images)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=settings.lora.steps, desc=f"LoRA ×{b}", leave=False)
+    keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
+    lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
+    loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora,
+                               bar.update if bar else None)
+    if bar:
+        bar.close()
+    zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
+
+    n = max(len(p.handles) for p in group)
+    h0, mask = _pad_points([p.handles for p in group], n)
+    tg, _ = _pad_points([p.targets for p in group], n)
+    keep = np.stack([p.keep for p in group])
+    t_star = int(pipe.schedule.timesteps[pipe.schedule.start_index(settings.inversion_strength)])
+    hyp = DragHypers(*(jnp.asarray([hp[k] for hp in hypers], jnp.float32) for k in DragHypers._fields))
+
+    dbar = None
+    cb = None
+    if progress:
+        from tqdm import tqdm
+        dbar = tqdm(total=cfg.max_iters, desc=f"drag ×{b}", leave=False)
+
+        def cb(it, done):
+            dbar.n = int(np.max(np.where(np.asarray(done), 0, np.asarray(it))))
+            dbar.refresh()
+
+    prep, loop = pipe.drag_runner(cfg, settings.clip_double_unit_map, cb)
+    shared = pipe.shared_params(cfg.use_clip)
+    args = (shared, loras, zt, c0, jnp.asarray(h0), jnp.asarray(tg), jnp.asarray(mask),
+            jnp.asarray(keep), jnp.asarray(token_mask, jnp.float32), et,
+            jnp.full((b,), t_star, jnp.int32), hyp)
+    inputs, state = timed("drag_prepare", pipe.stages, "drag_prepare", prep, *args)
+    state = timed("drag", pipe.stages, "drag", loop, shared, loras, inputs, state)
+    if dbar:
+        dbar.close()
+    z_edit = timed("denoise", pipe.denoise, loras, zt, state.z, c0, state.c, settings.inversion_strength,
+                   settings.reference_attention)
+    work_hw = group[0].image.shape[:2]
+    out = np.asarray(timed("decode", pipe.decode_to_uint8, z_edit, work_hw))
+    compile_s = dict(pipe.stages.last_compile_s)
+
+    st = jax.tree.map(np.asarray, state)
+    results = []
+    for i, p in enumerate(group):
+        img = out[i]
+        if img.shape[:2] != p.in_hw:
+            img = np.asarray(Image.fromarray(img).resize((p.in_hw[1], p.in_hw[0]), Image.BILINEAR))
+        k = len(p.handles)
+        n_traj = int(st.it[i]) + int(st.done[i])
+        config = {
+            "method": settings.method, "drag": _cfg_dict(cfg), "hypers": hypers[i],
+            "lora": {f: getattr(settings.lora, f) for f in settings.lora.__dataclass_fields__},
+            "inversion_strength": settings.inversion_strength, "t_star": t_star,
+            "reference_attention": settings.reference_attention,
+            "clip_double_unit_map": settings.clip_double_unit_map,
+            "working_size": list(work_hw), "supervision_size": list(sup_hw), "input_size": list(p.in_hw),
+            "prompt": p.request.prompt, "edit_prompt": p.request.edit_prompt or p.request.prompt,
+            "seed": p.request.seed, "model": str(pipe.sd.source),
+            "dtype": jnp.dtype(pipe.policy.compute).name, "batch_size": b,
+            "lora_final_loss": float(np.asarray(lora_losses)[-1, i]) if len(lora_losses) else None,
+        }
+        results.append(io.EditResult(
+            name=p.request.name, image=img,
+            handles=p.to_pixels(st.handles[i, :k]), targets=p.to_pixels(p.targets),
+            initial_handles=p.to_pixels(p.handles), trajectory=p.to_pixels(st.traj[i, :max(n_traj, 1), :k]),
+            iterations=int(st.it[i]), reached=bool(st.done[i]),
+            losses=[float(v) for v in st.losses[i, :int(st.it[i])]],
+            timings={**timings, **{f"compile_{k_}": v for k_, v in compile_s.items()}},
+            config=config))
+    return results
+
+
+def _cfg_dict(cfg: DragConfig) -> dict:
+    return {f: (getattr(cfg, f) if f != "schedule" else vars(cfg.schedule))
+            for f in cfg.__dataclass_fields__ if f != "schedule"} | {
+        "num_inference_steps": cfg.schedule.num_inference_steps}
+
+
+def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
+               settings: EditSettings | None = None, progress: bool = False, **overrides) -> list:
+    """Run many edits: requests are grouped by working shape and each group runs as vmapped
+    batches of at most ``settings.batch_size`` (points padded to the group's maximum). Returns
+    ``EditResult``s in request order. ``overrides``: drag settings (``methods.resolve`` names,
+    e.g. ``max_iters=40``, ``latent_lr=0.02``); a request's own ``hypers`` override the
+    continuous ones for that edit. Raises RequestError naming the first bad request."""
+    from . import data as io
+    from .drag.methods import HYPER_KEYS, resolve
+
+    settings = replace(settings or EditSettings(), method=method)
+    cfg, hyp = resolve(method, **overrides)
+    if cfg.use_clip:
+        pipe._need_clip()
+    native = pipe.native_width
+    width = native if settings.width is None else (settings.width or None)
+    prepared = []
+    for r in requests:
+        bad = [k for k in r.hypers if k not in HYPER_KEYS]
+        if bad:
+            raise io.RequestError(f"{r.name}: unknown hyperparameter(s) {bad}; valid: {', '.join(HYPER_KEYS)}")
+        prepared.append(io.prepare(r, width, native))
+    groups: dict = {}
+    for i, p in enumerate(prepared):
+        groups.setdefault(io.bucket_key(p), []).append(i)
+    results: list = [None] * len(prepared)
+    for idx in groups.values():
+        for s in range(0, len(idx), settings.batch_size):
+            chunk = idx[s:s + settings.batch_size]
+            hps = [{**hyp, **{k: float(v) for k, v in prepared[i].request.hypers.items()}} for i in chunk]
+            outs = _run_group(pipe, [prepared[i] for i in chunk], settings, cfg, hps, progress)
+            for i, o in zip(chunk, outs):
+                results[i] = o
+    return results
+
+
+def edit(pipe: Pipeline, image, points, prompt: str = "", mask=None, method: str = "dragtext", *,
+         edit_prompt: str | None = None, seed: int = 0, settings: EditSettings | None = None,
+         progress: bool = False, **overrides):
+    """Edit one image: ``points`` = [(x, y), …] pixels alternating handle, target (DragBench's
+    convention); ``mask`` (H, W) nonzero = editable. Returns an ``EditResult`` with the edited
+    image (H, W, 3) uint8, final handles, trajectory, iteration count and timings."""
+    from .data import EditRequest
+
+    req = EditRequest(image=np.asarray(image), points=points, prompt=prompt, mask=mask,
+                      edit_prompt=edit_prompt, seed=seed)
+    return edit_batch(pipe, [req], method, settings=settings, progress=progress, **overrides)[0]
