@@ -60,6 +60,18 @@ def adaptive_avg_pool(images: Array, size: int) -> Array:
                       precision=jax.lax.Precision.HIGHEST)
 
 
+def clip_pixels(images: Array, size: int, double_unit_map: bool = False) -> Array:
+    """CLIPDrag's differentiable CLIP preprocessing: [-1, 1] images (B, H, W, 3) →
+    clamp((x+1)/2, 0, 1) → AdaptiveAvgPool to (size, size) → CLIP normalisation.
+    ``double_unit_map`` reproduces the reference's second (x+1)/2 mapping of the already-[0, 1]
+    image (QUIRK, ALGORITHMS.md §4.4)."""
+    x = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+    x = adaptive_avg_pool(x, size)
+    if double_unit_map:
+        x = (x + 1.0) / 2.0
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
 def bilinear_resize(images: Array, hw: tuple[int, int]) -> Array:
     """(B, H, W, C) → (B, h, w, C), PyTorch ``F.interpolate(mode="bilinear",
     align_corners=False)`` without antialiasing (used on the decoded image)."""
@@ -158,17 +170,9 @@ class Pipeline:
         return nnx.merge(self.sd.text_encoder.graphdef, params)(ids)[0]
 
     def clip_image_apply(self, params, images, double_unit_map: bool = False):
-        """CLIPDrag's differentiable preprocessing + image tower: [-1, 1] images →
-        clamp((x+1)/2, 0, 1) → AdaptiveAvgPool to the CLIP input size → CLIP normalisation → ViT
-        → projection (unnormalised). ``double_unit_map`` reproduces the reference's second
-        (x+1)/2 mapping of the already-[0,1] image (QUIRK, §4.4)."""
+        """[-1, 1] images → ``clip_pixels`` → ViT → projection (unnormalised embeddings)."""
         m = nnx.merge(self.clip.graphdef, params)
-        x = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
-        x = adaptive_avg_pool(x, m.vision_cfg.image_size)
-        if double_unit_map:
-            x = (x + 1.0) / 2.0
-        x = (x - CLIP_MEAN) / CLIP_STD
-        return m.image_embeds(x)
+        return m.image_embeds(clip_pixels(images, m.vision_cfg.image_size, double_unit_map))
 
     def clip_text_apply(self, params, ids):
         return nnx.merge(self.clip.graphdef, params).text_embeds(ids)

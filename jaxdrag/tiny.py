@@ -38,7 +38,7 @@ TINY_CLIP_VISION = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hi
 
 SD_NAME = "tiny-sd15"
 CLIP_NAME = "tiny-clip-vit-b16"
-_VERSION = 2  # bump when the generator's output changes
+_VERSION = 3  # bump when the generator's output changes
 
 
 def default_weights_dir() -> Path:

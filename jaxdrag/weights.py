@@ -441,14 +441,18 @@ def load_hf_clip(folder: Path, *, dtype, attn_impl="auto") -> Component:
         cfg=(tc, vc, proj), ignore=lambda k: is_buffer(k) or k == "logit_scale")
 
 
-def load_single_file(path: Path, *, dtype, attn_impl="auto", lora_rank: int = 16):
+def load_single_file(path: Path, *, dtype, attn_impl="auto", lora_rank: int = 16, configs=None):
     """An LDM single-file SD-1.x ``.safetensors`` → (unet, vae, text_encoder) Components.
 
-    Single files carry no config: the SD-1.5 configs are used after checking the architecture
-    from tensor shapes (SD-2.x files, with 1024-wide cross-attention, are rejected by name)."""
+    Single files carry no config: the SD-1.5 configs are used (or ``configs`` = (UNetConfig,
+    VAEConfig, CLIPTextConfig)) after checking the architecture from tensor shapes (SD-2.x
+    files, with 1024-wide cross-attention, are rejected by name)."""
     from .models.clip import SD15_TEXT, CLIPTextModel
     from .models.unet import SD15_UNET, UNet2DConditionModel
     from .models.vae import SD15_VAE, AutoencoderKL
+
+    if configs is not None:
+        SD15_UNET, SD15_VAE, SD15_TEXT = configs  # noqa: N806 (same names, caller's configs)
 
     path = Path(path)
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
@@ -543,7 +547,8 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path, dtype=np.flo
     if dtype == "bfloat16":
         import ml_dtypes
         dtype = ml_dtypes.bfloat16
-    arrays = {k: np.ascontiguousarray(np.asarray(v).astype(dtype)) for k, v in tensors.items()}
+    # np.require keeps 0-d arrays 0-d (ascontiguousarray would make them (1,))
+    arrays = {k: np.require(np.asarray(v).astype(dtype), requirements="C") for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(arrays, str(tmp))
     os.replace(tmp, path)
@@ -583,7 +588,8 @@ def load_sd(path: str | Path, *, dtype, attn_impl: str = "auto", lora_rank: int 
     if path.is_dir():
         missing = [c for c in ("unet", "vae", "text_encoder") if not (path / c).is_dir()]
         if missing:
-            raise WeightsError(f"{path}: not a diffusers model folder (missing {', '.join(missing)}/)")
+            raise WeightsError(f"{path}: not a diffusers model folder (missing "
+                               f"{', '.join(m + '/' for m in missing)})")
         tok = path / "tokenizer"
         return SDComponents(
             unet=load_diffusers_unet(path / "unet", dtype=dtype, attn_impl=attn_impl, lora_rank=lora_rank),

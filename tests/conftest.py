@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# development data next to the checkout (../shared), or $JAXDRAG_SHARED; tests using it skip when absent
+SHARED = Path(os.environ.get("JAXDRAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(tiny SD folder, tiny CLIP folder), generated fresh for the session."""
+    from jaxdrag.tiny import ensure_tiny
+
+    return ensure_tiny(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_models):
+    import jaxdrag
+
+    sd, clip = tiny_models
+    return jaxdrag.load_pipeline(sd, clip=clip, dtype="float32")
+
+
+def shared_data(*parts) -> Path:
+    """A path under the shared data folder, or skip the test when it is absent."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not present")
+    return p
