@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
 from . import weights
 from .models.clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
@@ -58,7 +57,7 @@ def _state(build, seed: int) -> dict:
     from the abstract parameter tree (eager NNX init compiles one small op per distinct shape):
     Linear/Conv kernels and their biases U(±1/√fan_in); norm scales 1 and biases 0; embeddings
     N(0, 0.02²). Returns the torch-named dict."""
-    _, _, base = weights.abstract(lambda: build(nnx.Rngs(0)))
+    _, _, base = weights.abstract(build)
     rng = np.random.default_rng(seed)
     flat = weights.flat(base)
     values = {}
@@ -90,9 +89,9 @@ def write_tiny_sd(root: Path, seed: int = 0) -> Path:
     out = Path(root) / SD_NAME
     tmp = Path(root) / f".{SD_NAME}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unet = _state(lambda r: UNet2DConditionModel(TINY_UNET, rngs=r), seed)
-    vae = _state(lambda r: AutoencoderKL(TINY_VAE, rngs=r), seed + 1)
-    text = _state(lambda r: CLIPTextModel(TINY_TEXT, rngs=r), seed + 2)
+    unet = _state(lambda: UNet2DConditionModel(TINY_UNET), seed)
+    vae = _state(lambda: AutoencoderKL(TINY_VAE), seed + 1)
+    text = _state(lambda: CLIPTextModel(TINY_TEXT), seed + 2)
     weights.save_safetensors(unet, tmp / "unet" / "diffusion_pytorch_model.safetensors")
     _write_json(tmp / "unet" / "config.json", TINY_UNET.to_diffusers())
     weights.save_safetensors(vae, tmp / "vae" / "diffusion_pytorch_model.safetensors")
@@ -120,7 +119,7 @@ def write_tiny_clip(root: Path, seed: int = 10) -> Path:
     tmp = Path(root) / f".{CLIP_NAME}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     proj = TINY_CLIP_VISION.projection_dim
-    state = _state(lambda r: CLIPModel(TINY_CLIP_TEXT, TINY_CLIP_VISION, proj, rngs=r), seed)
+    state = _state(lambda: CLIPModel(TINY_CLIP_TEXT, TINY_CLIP_VISION, proj), seed)
     state["logit_scale"] = np.asarray(2.6592, np.float32)
     weights.save_safetensors(state, tmp / "model.safetensors")
     _write_json(tmp / "config.json", {

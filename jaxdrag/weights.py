@@ -122,12 +122,13 @@ def torch_key(path: PathT) -> str:
 
 
 def to_flax(leaf: str, arr: np.ndarray) -> np.ndarray:
-    """PyTorch tensor → Flax layout for a leaf of kind ``leaf``."""
+    """PyTorch tensor → Flax layout for a leaf of kind ``leaf`` (a strided view: the copy to the
+    device makes it contiguous, faster than a separate numpy copy)."""
     if leaf == "kernel":
         if arr.ndim == 4:
-            return np.ascontiguousarray(arr.transpose(2, 3, 1, 0))  # OIHW → HWIO
+            return arr.transpose(2, 3, 1, 0)  # OIHW → HWIO
         if arr.ndim == 2:
-            return np.ascontiguousarray(arr.T)
+            return arr.T
     return arr
 
 
@@ -397,7 +398,7 @@ def load_diffusers_unet(folder: Path, *, dtype, attn_impl="auto", lora_rank: int
     cfg = _cfg(UNetConfig.from_diffusers, read_json(folder / "config.json"), str(folder / "config.json"))
     src = TensorSource(_model_files(folder, "diffusion_pytorch_model"))
     return load_component(lambda: UNet2DConditionModel(cfg, lora_rank=lora_rank, dtype=dtype,
-                                                       attn_impl=attn_impl, rngs=nnx.Rngs(0)), src, cfg=cfg)
+                                                       attn_impl=attn_impl), src, cfg=cfg)
 
 
 def load_diffusers_vae(folder: Path, *, dtype, attn_impl="auto") -> Component:
@@ -405,7 +406,7 @@ def load_diffusers_vae(folder: Path, *, dtype, attn_impl="auto") -> Component:
 
     cfg = _cfg(VAEConfig.from_diffusers, read_json(folder / "config.json"), str(folder / "config.json"))
     src = TensorSource(_model_files(folder, "diffusion_pytorch_model"))
-    return load_component(lambda: AutoencoderKL(cfg, dtype=dtype, attn_impl=attn_impl, rngs=nnx.Rngs(0)),
+    return load_component(lambda: AutoencoderKL(cfg, dtype=dtype, attn_impl=attn_impl),
                           src, cfg=cfg, rename=_new_vae_name)
 
 
@@ -420,7 +421,7 @@ def load_hf_text_encoder(folder: Path, *, dtype, attn_impl="auto") -> Component:
 
     cfg = _cfg(CLIPTextConfig.from_hf, read_json(folder / "config.json"), str(folder / "config.json"))
     src = TensorSource(_model_files(folder, "model"))
-    return load_component(lambda: CLIPTextModel(cfg, dtype=dtype, attn_impl=attn_impl, rngs=nnx.Rngs(0)),
+    return load_component(lambda: CLIPTextModel(cfg, dtype=dtype, attn_impl=attn_impl),
                           src, cfg=cfg, rename=text_model_name)
 
 
@@ -437,7 +438,7 @@ def load_hf_clip(folder: Path, *, dtype, attn_impl="auto") -> Component:
     tc, vc, proj = _cfg(clip_configs_from_json, folder / "config.json")
     src = TensorSource(_model_files(folder, "model"))
     return load_component(
-        lambda: CLIPModel(tc, vc, proj, dtype=dtype, attn_impl=attn_impl, rngs=nnx.Rngs(0)), src,
+        lambda: CLIPModel(tc, vc, proj, dtype=dtype, attn_impl=attn_impl), src,
         cfg=(tc, vc, proj), ignore=lambda k: is_buffer(k) or k == "logit_scale")
 
 
@@ -472,8 +473,8 @@ def load_single_file(path: Path, *, dtype, attn_impl="auto", lora_rank: int = 16
         return _PrefixView(src, prefix, to_diffusers, label)
 
     unet_abs = abstract(lambda: UNet2DConditionModel(SD15_UNET, lora_rank=lora_rank, dtype=dtype,
-                                                     attn_impl=attn_impl, rngs=nnx.Rngs(0)))
-    vae_abs = abstract(lambda: AutoencoderKL(SD15_VAE, dtype=dtype, attn_impl=attn_impl, rngs=nnx.Rngs(0)))
+                                                     attn_impl=attn_impl))
+    vae_abs = abstract(lambda: AutoencoderKL(SD15_VAE, dtype=dtype, attn_impl=attn_impl))
     up_attn = tuple(t == "CrossAttnUpBlock2D" for t in SD15_UNET.up_block_types)
     unet_map = {ldm_unet_key(k, SD15_UNET.layers_per_block, up_attn): k for k in key_table(unet_abs[2])}
     nvae = len(SD15_VAE.block_out_channels)
@@ -481,7 +482,7 @@ def load_single_file(path: Path, *, dtype, attn_impl="auto", lora_rank: int = 16
 
     unet = _fill(unet_abs, SD15_UNET, part(LDM_UNET, unet_map, f"{path} [UNet, {LDM_UNET}*]"))
     vae = _fill(vae_abs, SD15_VAE, part(LDM_VAE, vae_map, f"{path} [VAE, {LDM_VAE}*]"))
-    text_abs = abstract(lambda: CLIPTextModel(SD15_TEXT, dtype=dtype, attn_impl=attn_impl, rngs=nnx.Rngs(0)))
+    text_abs = abstract(lambda: CLIPTextModel(SD15_TEXT, dtype=dtype, attn_impl=attn_impl))
     text_map = {k: k for k in key_table(text_abs[2])}  # HF names after the prefix
     text = _fill(text_abs, SD15_TEXT, part(LDM_TEXT, text_map, f"{path} [text encoder, {LDM_TEXT}*]"),
                  ignore=is_buffer)

@@ -87,7 +87,7 @@ def test_mid_override(tmp_path):
 
 def test_lora_matches_peft(tmp_path):
     """Our LoRA (W x + B(A x) on to_q/k/v/out.0 of every attention) vs a peft LoRA on diffusers."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model_state_dict
 
     tu, comp, x, ctx, t = _setup("sd15like", tmp_path, lora_rank=4)

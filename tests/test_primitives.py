@@ -1,6 +1,5 @@
 """Tokenizer ids, the DDIM schedule and primitive layers against their references."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

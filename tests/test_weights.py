@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from conftest import shared_data
 from jaxdrag import weights
@@ -21,8 +20,8 @@ from jaxdrag.weights import WeightsError
 
 
 def _tables():
-    _, _, ub = weights.abstract(lambda: UNet2DConditionModel(SD15_UNET, rngs=nnx.Rngs(0)))
-    _, _, vb = weights.abstract(lambda: AutoencoderKL(SD15_VAE, rngs=nnx.Rngs(0)))
+    _, _, ub = weights.abstract(lambda: UNet2DConditionModel(SD15_UNET))
+    _, _, vb = weights.abstract(lambda: AutoencoderKL(SD15_VAE))
     return weights.key_table(ub), weights.key_table(vb)
 
 
@@ -51,8 +50,8 @@ def test_key_tables_match_reference_keymap():
     tsv = shared_data("reference", "sd15_keymap.tsv")
     rows = [line.rstrip("\n").split("\t") for line in tsv.read_text().splitlines()[1:]]
     ut, vt = _tables()
-    _, _, tb = weights.abstract(lambda: CLIPTextModel(SD15_TEXT, rngs=nnx.Rngs(0)))
-    _, _, cb = weights.abstract(lambda: CLIPModel(VIT_B16_TEXT, VIT_B16_VISION, 512, rngs=nnx.Rngs(0)))
+    _, _, tb = weights.abstract(lambda: CLIPTextModel(SD15_TEXT))
+    _, _, cb = weights.abstract(lambda: CLIPModel(VIT_B16_TEXT, VIT_B16_VISION, 512))
     tables = {"unet": ut, "vae": vt, "sd15_text_encoder": weights.key_table(tb),
               "clip_vit_b16": weights.key_table(cb)}
     up_attn = tuple(t == "CrossAttnUpBlock2D" for t in SD15_UNET.up_block_types)
@@ -240,7 +239,7 @@ def test_folder_and_file_errors(tiny_sd, tmp_path):
 
 
 def test_lora_peft_roundtrip():
-    _, lora, _ = weights.abstract(lambda: UNet2DConditionModel(TINY_UNET, lora_rank=4, rngs=nnx.Rngs(0)))
+    _, lora, _ = weights.abstract(lambda: UNet2DConditionModel(TINY_UNET, lora_rank=4))
     lo = init_lora(lora, jax.random.PRNGKey(0))
     flat = weights.flat(lo)
     a = [v for p, v in flat.items() if p[-1] == "lora_a"]

@@ -7,3 +7,8 @@ from .losses import (background_loss, clip_loss, motion_supervision, reference_p
                      upsample_features)
 from .methods import METHODS, resolve
 from .tracking import templates, track
+
+__all__ = ["RULES", "fuse", "DragConfig", "DragHypers", "DragInputs", "DragNetworks", "DragState", "make_runner",
+           "prepare", "prepare_batch", "run", "step", "background_loss", "clip_loss", "motion_supervision",
+           "reference_patches", "text_regularizer", "upsample_features", "METHODS", "resolve", "templates",
+           "track"]

@@ -65,10 +65,10 @@ class CrossAttention(nnx.Module):
     """
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, *,
-                 lora_rank: int = 0, dtype=jnp.float32, attn_impl: str = "auto", rngs: nnx.Rngs):
+                 lora_rank: int = 0, dtype=jnp.float32, attn_impl: str = "auto"):
         inner = heads * dim_head
         context_dim = context_dim or query_dim
-        kw = dict(lora_rank=lora_rank, dtype=dtype, rngs=rngs)
+        kw = dict(lora_rank=lora_rank, dtype=dtype)
         self.to_q = Linear(query_dim, inner, use_bias=False, **kw)
         self.to_k = Linear(context_dim, inner, use_bias=False, **kw)
         self.to_v = Linear(context_dim, inner, use_bias=False, **kw)
@@ -94,9 +94,9 @@ class SpatialSelfAttention(nnx.Module):
     C, biases everywhere, residual connection). x: (B, H, W, C) → same."""
 
     def __init__(self, channels: int, *, groups: int, eps: float, dtype=jnp.float32,
-                 attn_impl: str = "auto", rngs: nnx.Rngs):
+                 attn_impl: str = "auto"):
         self.group_norm = GroupNorm(groups, channels, eps=eps, dtype=dtype)
-        kw = dict(dtype=dtype, rngs=rngs)
+        kw = dict(dtype=dtype)
         self.to_q = Linear(channels, channels, **kw)
         self.to_k = Linear(channels, channels, **kw)
         self.to_v = Linear(channels, channels, **kw)
@@ -117,9 +117,8 @@ class SpatialSelfAttention(nnx.Module):
 class CLIPAttention(nnx.Module):
     """HF ``CLIPAttention``: q/k/v/out projections with bias; optional causal mask."""
 
-    def __init__(self, dim: int, heads: int, *, dtype=jnp.float32, attn_impl: str = "auto",
-                 rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, rngs=rngs)
+    def __init__(self, dim: int, heads: int, *, dtype=jnp.float32, attn_impl: str = "auto"):
+        kw = dict(dtype=dtype)
         self.q_proj = Linear(dim, dim, **kw)
         self.k_proj = Linear(dim, dim, **kw)
         self.v_proj = Linear(dim, dim, **kw)

@@ -102,9 +102,9 @@ VIT_B16_VISION = CLIPVisionConfig()
 
 
 class CLIPMLP(nnx.Module):
-    def __init__(self, dim, inner, act, *, dtype, rngs):
-        self.fc1 = Linear(dim, inner, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(inner, dim, dtype=dtype, rngs=rngs)
+    def __init__(self, dim, inner, act, *, dtype):
+        self.fc1 = Linear(dim, inner, dtype=dtype)
+        self.fc2 = Linear(inner, dim, dtype=dtype)
         self.act = act
 
     def __call__(self, x):
@@ -112,11 +112,11 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-    def __init__(self, dim, heads, inner, act, eps, *, dtype, attn_impl, rngs):
+    def __init__(self, dim, heads, inner, act, eps, *, dtype, attn_impl):
         self.layer_norm1 = LayerNorm(dim, eps=eps, dtype=dtype)
-        self.self_attn = CLIPAttention(dim, heads, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+        self.self_attn = CLIPAttention(dim, heads, dtype=dtype, attn_impl=attn_impl)
         self.layer_norm2 = LayerNorm(dim, eps=eps, dtype=dtype)
-        self.mlp = CLIPMLP(dim, inner, act, dtype=dtype, rngs=rngs)
+        self.mlp = CLIPMLP(dim, inner, act, dtype=dtype)
 
     def __call__(self, x, causal):
         x = x + self.self_attn(self.layer_norm1(x), causal=causal)
@@ -124,11 +124,10 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    def __init__(self, cfg, *, dtype, attn_impl, rngs):
+    def __init__(self, cfg, *, dtype, attn_impl):
         self.layers = nnx.List([
             CLIPEncoderLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
-                             cfg.hidden_act, cfg.layer_norm_eps, dtype=dtype, attn_impl=attn_impl,
-                             rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+                             cfg.hidden_act, cfg.layer_norm_eps, dtype=dtype, attn_impl=attn_impl) for _ in range(cfg.num_hidden_layers)])
 
     def __call__(self, x, causal):
         for layer in self.layers:
@@ -137,10 +136,9 @@ class CLIPEncoder(nnx.Module):
 
 
 class CLIPTextEmbeddings(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs):
-        self.token_embedding = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.position_embedding = Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
-                                        rngs=rngs)
+    def __init__(self, cfg: CLIPTextConfig, *, dtype):
+        self.token_embedding = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.position_embedding = Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
 
     def __call__(self, ids):
         pos = jnp.arange(ids.shape[-1])
@@ -148,10 +146,10 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPTextTransformer(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, dtype, attn_impl, rngs):
+    def __init__(self, cfg: CLIPTextConfig, *, dtype, attn_impl):
         self.cfg = cfg
-        self.embeddings = CLIPTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
-        self.encoder = CLIPEncoder(cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+        self.embeddings = CLIPTextEmbeddings(cfg, dtype=dtype)
+        self.encoder = CLIPEncoder(cfg, dtype=dtype, attn_impl=attn_impl)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=jnp.float32)
 
     def __call__(self, ids: Array) -> tuple[Array, Array]:
@@ -168,21 +166,20 @@ class CLIPTextTransformer(nnx.Module):
 class CLIPTextModel(nnx.Module):
     """ids (B, T) int → (last_hidden_state (B, T, D) float32, pooled (B, D))."""
 
-    def __init__(self, cfg: CLIPTextConfig, *, dtype=jnp.float32, attn_impl: str = "auto",
-                 rngs: nnx.Rngs):
-        self.text_model = CLIPTextTransformer(cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+    def __init__(self, cfg: CLIPTextConfig, *, dtype=jnp.float32, attn_impl: str = "auto"):
+        self.text_model = CLIPTextTransformer(cfg, dtype=dtype, attn_impl=attn_impl)
 
     def __call__(self, ids: Array):
         return self.text_model(ids)
 
 
 class CLIPVisionEmbeddings(nnx.Module):
-    def __init__(self, cfg: CLIPVisionConfig, *, dtype, rngs):
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype):
         self.patch_embedding = Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
-                                      stride=cfg.patch_size, use_bias=False, dtype=dtype, rngs=rngs)
-        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (cfg.hidden_size,)) * 0.02)
+                                      stride=cfg.patch_size, use_bias=False, dtype=dtype)
+        self.class_embedding = nnx.Param(jnp.zeros((cfg.hidden_size,), jnp.float32))
         n = (cfg.image_size // cfg.patch_size) ** 2 + 1
-        self.position_embedding = Embed(n, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.position_embedding = Embed(n, cfg.hidden_size, dtype=dtype)
         self.dtype = dtype
 
     def __call__(self, pixels):
@@ -195,10 +192,10 @@ class CLIPVisionEmbeddings(nnx.Module):
 
 
 class CLIPVisionTransformer(nnx.Module):
-    def __init__(self, cfg: CLIPVisionConfig, *, dtype, attn_impl, rngs):
-        self.embeddings = CLIPVisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype, attn_impl):
+        self.embeddings = CLIPVisionEmbeddings(cfg, dtype=dtype)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.encoder = CLIPEncoder(cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+        self.encoder = CLIPEncoder(cfg, dtype=dtype, attn_impl=attn_impl)
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=jnp.float32)
 
     def __call__(self, pixels):
@@ -210,12 +207,11 @@ class CLIPVisionTransformer(nnx.Module):
 class CLIPVisionModelWithProjection(nnx.Module):
     """pixels (B, S, S, 3), CLIP-normalised → image_embeds (B, projection_dim), unnormalised."""
 
-    def __init__(self, cfg: CLIPVisionConfig, *, dtype=jnp.float32, attn_impl: str = "auto",
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype=jnp.float32, attn_impl: str = "auto"):
         self.cfg = cfg
-        self.vision_model = CLIPVisionTransformer(cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+        self.vision_model = CLIPVisionTransformer(cfg, dtype=dtype, attn_impl=attn_impl)
         self.visual_projection = Linear(cfg.hidden_size, cfg.projection_dim, use_bias=False,
-                                        dtype=jnp.float32, rngs=rngs)
+                                        dtype=jnp.float32)
 
     def __call__(self, pixels):
         return self.visual_projection(self.vision_model(pixels))
@@ -224,11 +220,10 @@ class CLIPVisionModelWithProjection(nnx.Module):
 class CLIPTextModelWithProjection(nnx.Module):
     """ids (B, T) → text_embeds (B, projection_dim), unnormalised."""
 
-    def __init__(self, cfg: CLIPTextConfig, *, dtype=jnp.float32, attn_impl: str = "auto",
-                 rngs: nnx.Rngs):
-        self.text_model = CLIPTextTransformer(cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+    def __init__(self, cfg: CLIPTextConfig, *, dtype=jnp.float32, attn_impl: str = "auto"):
+        self.text_model = CLIPTextTransformer(cfg, dtype=dtype, attn_impl=attn_impl)
         self.text_projection = Linear(cfg.hidden_size, cfg.projection_dim, use_bias=False,
-                                      dtype=jnp.float32, rngs=rngs)
+                                      dtype=jnp.float32)
 
     def __call__(self, ids):
         return self.text_projection(self.text_model(ids)[1])
@@ -239,15 +234,15 @@ class CLIPModel(nnx.Module):
     ``text_projection``, ``visual_projection``); ``logit_scale`` is not needed and not loaded."""
 
     def __init__(self, text_cfg: CLIPTextConfig, vision_cfg: CLIPVisionConfig, projection_dim: int, *,
-                 dtype=jnp.float32, attn_impl: str = "auto", rngs: nnx.Rngs):
+                 dtype=jnp.float32, attn_impl: str = "auto"):
         self.text_cfg = text_cfg
         self.vision_cfg = vision_cfg
-        self.text_model = CLIPTextTransformer(text_cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
-        self.vision_model = CLIPVisionTransformer(vision_cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+        self.text_model = CLIPTextTransformer(text_cfg, dtype=dtype, attn_impl=attn_impl)
+        self.vision_model = CLIPVisionTransformer(vision_cfg, dtype=dtype, attn_impl=attn_impl)
         self.text_projection = Linear(text_cfg.hidden_size, projection_dim, use_bias=False,
-                                      dtype=jnp.float32, rngs=rngs)
+                                      dtype=jnp.float32)
         self.visual_projection = Linear(vision_cfg.hidden_size, projection_dim, use_bias=False,
-                                        dtype=jnp.float32, rngs=rngs)
+                                        dtype=jnp.float32)
 
     def image_embeds(self, pixels: Array) -> Array:
         return self.visual_projection(self.vision_model(pixels))

@@ -1,5 +1,10 @@
 """Primitive NNX layers whose parameter paths mirror PyTorch module names.
 
+Construction is deterministic and allocates placeholders (zeros; ones for norm scales): networks
+are built abstractly with ``nnx.eval_shape`` and their parameters always come from weight files
+(``weights.py``), the tiny model's numpy initialiser (``tiny.py``) or ``init_lora``. No RNG is
+drawn while building, which keeps ``eval_shape`` of the full UNet well under a second.
+
 Every layer keeps its parameters in float32 (`nnx.Param`) and computes in the module's ``dtype``
 (float32 on CPU, bfloat16 on accelerators; see ``jaxdrag.precision``). Normalisation statistics are
 always taken in float32 with the two-pass variance ``mean((x - mean)^2)``, as PyTorch does; Flax's
@@ -22,9 +27,8 @@ from flax import nnx
 Array = jax.Array
 
 
-def _uniform(rngs: nnx.Rngs, shape, bound: float) -> Array:
-    """PyTorch-style default init: U(-bound, bound), float32."""
-    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+def _zeros(*shape) -> Array:
+    return jnp.zeros(shape, jnp.float32)
 
 
 class Identity(nnx.Module):
@@ -39,19 +43,17 @@ class Linear(nnx.Module):
 
     With ``lora_rank > 0`` the layer also holds a LoRA pair in its own variable type
     (``nnx.LoRAParam``) so it can be split from the shared base weights and batched per edit:
-    y += (x @ lora_a) @ lora_b. ``lora_a`` (in, r) ~ N(0, (1/r)^2), ``lora_b`` (r, out) = 0 — the
-    diffusers ``LoRALinearLayer`` init that DragDiffusion trains (scale 1, no alpha).
+    y += (x @ lora_a) @ lora_b (scale 1, no alpha: diffusers' ``LoRALinearLayer`` as DragDiffusion
+    trains it). ``lora_a`` is (in, r), ``lora_b`` (r, out); ``models.lora.init_lora`` draws them.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-                 lora_rank: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
-        bound = 1.0 / math.sqrt(in_features)
-        self.kernel = nnx.Param(_uniform(rngs, (in_features, out_features), bound))
-        self.bias = nnx.Param(_uniform(rngs, (out_features,), bound)) if use_bias else None
+                 lora_rank: int = 0, dtype=jnp.float32):
+        self.kernel = nnx.Param(_zeros(in_features, out_features))
+        self.bias = nnx.Param(_zeros(out_features)) if use_bias else None
         if lora_rank > 0:
-            self.lora_a = nnx.LoRAParam(
-                jax.random.normal(rngs.params(), (in_features, lora_rank), jnp.float32) / lora_rank)
-            self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, out_features), jnp.float32))
+            self.lora_a = nnx.LoRAParam(_zeros(in_features, lora_rank))
+            self.lora_b = nnx.LoRAParam(_zeros(lora_rank, out_features))
         else:
             self.lora_a = None
             self.lora_b = None
@@ -75,10 +77,9 @@ class Conv2d(nnx.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
                  padding: int = 0, pad_mode: str = "sym", use_bias: bool = True,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
-        bound = 1.0 / math.sqrt(in_ch * kernel_size * kernel_size)
-        self.kernel = nnx.Param(_uniform(rngs, (kernel_size, kernel_size, in_ch, out_ch), bound))
-        self.bias = nnx.Param(_uniform(rngs, (out_ch,), bound)) if use_bias else None
+                 dtype=jnp.float32):
+        self.kernel = nnx.Param(_zeros(kernel_size, kernel_size, in_ch, out_ch))
+        self.bias = nnx.Param(_zeros(out_ch)) if use_bias else None
         self.stride = stride
         if pad_mode == "asym01":
             self.padding = ((0, 1), (0, 1))
@@ -99,8 +100,7 @@ class Conv2d(nnx.Module):
 class GroupNorm(nnx.Module):
     """GroupNorm over NHWC (or (B, T, C)) input: float32 two-pass statistics per (sample, group)."""
 
-    def __init__(self, num_groups: int, num_channels: int, *, eps: float, dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float, dtype=jnp.float32):
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels are not divisible into "
                              f"{num_groups} groups")
@@ -124,8 +124,7 @@ class GroupNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis with float32 two-pass statistics."""
 
-    def __init__(self, num_features: int, *, eps: float, dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(self, num_features: int, *, eps: float, dtype=jnp.float32):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
@@ -142,8 +141,8 @@ class LayerNorm(nnx.Module):
 class Embed(nnx.Module):
     """Lookup table (num, dim) float32; ids (...,) int → (..., dim) in ``dtype``."""
 
-    def __init__(self, num: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num, dim), jnp.float32) * 0.02)
+    def __init__(self, num: int, dim: int, *, dtype=jnp.float32):
+        self.embedding = nnx.Param(_zeros(num, dim))
         self.dtype = dtype
 
     def __call__(self, ids: Array) -> Array:

@@ -20,8 +20,7 @@ Parameter paths mirror diffusers' module names (``down_blocks.0.attentions.1.tra
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -164,13 +163,13 @@ class ResnetBlock2D(nnx.Module):
     """GN → SiLU → conv3×3 (+ time projection) → GN → SiLU → conv3×3, plus (1×1) shortcut."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, *, groups: int, eps: float,
-                 output_scale_factor: float = 1.0, dtype, rngs: nnx.Rngs):
+                 output_scale_factor: float = 1.0, dtype):
         self.norm1 = GroupNorm(groups, in_ch, eps=eps, dtype=dtype)
-        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1, dtype=dtype, rngs=rngs)
-        self.time_emb_proj = Linear(temb_ch, out_ch, dtype=dtype, rngs=rngs) if temb_ch else None
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1, dtype=dtype)
+        self.time_emb_proj = Linear(temb_ch, out_ch, dtype=dtype) if temb_ch else None
         self.norm2 = GroupNorm(groups, out_ch, eps=eps, dtype=dtype)
-        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1, dtype=dtype, rngs=rngs)
-        self.conv_shortcut = Conv2d(in_ch, out_ch, 1, dtype=dtype, rngs=rngs) if in_ch != out_ch else None
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1, dtype=dtype)
+        self.conv_shortcut = Conv2d(in_ch, out_ch, 1, dtype=dtype) if in_ch != out_ch else None
         self.output_scale_factor = output_scale_factor
 
     def __call__(self, x: Array, temb: Array | None) -> Array:
@@ -187,8 +186,8 @@ class ResnetBlock2D(nnx.Module):
 
 
 class GEGLU(nnx.Module):
-    def __init__(self, dim: int, inner: int, *, dtype, rngs: nnx.Rngs):
-        self.proj = Linear(dim, inner * 2, dtype=dtype, rngs=rngs)
+    def __init__(self, dim: int, inner: int, *, dtype):
+        self.proj = Linear(dim, inner * 2, dtype=dtype)
 
     def __call__(self, x: Array) -> Array:
         h, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -196,10 +195,10 @@ class GEGLU(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, dtype):
         inner = dim * 4
-        self.net = nnx.List([GEGLU(dim, inner, dtype=dtype, rngs=rngs),
-                             Identity(), Linear(inner, dim, dtype=dtype, rngs=rngs)])
+        self.net = nnx.List([GEGLU(dim, inner, dtype=dtype),
+                             Identity(), Linear(inner, dim, dtype=dtype)])
 
     def __call__(self, x: Array) -> Array:
         return self.net[2](self.net[0](x))
@@ -209,14 +208,14 @@ class BasicTransformerBlock(nnx.Module):
     """LN → self-attn → LN → cross-attn → LN → GEGLU FF, each with a residual."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, *, lora_rank: int,
-                 dtype, attn_impl: str, rngs: nnx.Rngs):
-        kw = dict(lora_rank=lora_rank, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+                 dtype, attn_impl: str):
+        kw = dict(lora_rank=lora_rank, dtype=dtype, attn_impl=attn_impl)
         self.norm1 = LayerNorm(dim, eps=1e-5, dtype=dtype)
         self.attn1 = CrossAttention(dim, None, heads, dim_head, **kw)
         self.norm2 = LayerNorm(dim, eps=1e-5, dtype=dtype)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, **kw)
         self.norm3 = LayerNorm(dim, eps=1e-5, dtype=dtype)
-        self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+        self.ff = FeedForward(dim, dtype=dtype)
 
     def __call__(self, x: Array, context: Array, reference: bool) -> Array:
         x = x + self.attn1(self.norm1(x), reference=reference)
@@ -228,18 +227,18 @@ class Transformer2DModel(nnx.Module):
     """GroupNorm(eps 1e-6) → proj_in (1×1 conv, or linear) → transformer blocks → proj_out, residual."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, *, layers: int, groups: int,
-                 linear_projection: bool, lora_rank: int, dtype, attn_impl: str, rngs: nnx.Rngs):
+                 linear_projection: bool, lora_rank: int, dtype, attn_impl: str):
         self.norm = GroupNorm(groups, channels, eps=1e-6, dtype=dtype)
         self.linear_projection = linear_projection
         if linear_projection:
-            self.proj_in = Linear(channels, channels, dtype=dtype, rngs=rngs)
-            self.proj_out = Linear(channels, channels, dtype=dtype, rngs=rngs)
+            self.proj_in = Linear(channels, channels, dtype=dtype)
+            self.proj_out = Linear(channels, channels, dtype=dtype)
         else:
-            self.proj_in = Conv2d(channels, channels, 1, dtype=dtype, rngs=rngs)
-            self.proj_out = Conv2d(channels, channels, 1, dtype=dtype, rngs=rngs)
+            self.proj_in = Conv2d(channels, channels, 1, dtype=dtype)
+            self.proj_out = Conv2d(channels, channels, 1, dtype=dtype)
         self.transformer_blocks = nnx.List([
             BasicTransformerBlock(channels, heads, channels // heads, context_dim, lora_rank=lora_rank,
-                                  dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+                                  dtype=dtype, attn_impl=attn_impl)
             for _ in range(layers)])
 
     def __call__(self, x: Array, context: Array, reference: bool) -> Array:
@@ -259,9 +258,9 @@ class Transformer2DModel(nnx.Module):
 
 
 class Downsample2D(nnx.Module):
-    def __init__(self, ch: int, *, padding: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, ch: int, *, padding: int, dtype):
         self.conv = Conv2d(ch, ch, 3, stride=2, padding=padding,
-                           pad_mode="sym" if padding else "asym01", dtype=dtype, rngs=rngs)
+                           pad_mode="sym" if padding else "asym01", dtype=dtype)
 
     def __call__(self, x: Array) -> Array:
         return self.conv(x)
@@ -270,8 +269,8 @@ class Downsample2D(nnx.Module):
 class Upsample2D(nnx.Module):
     """Nearest-neighbour ×2 (or to ``size``, PyTorch's index rule) then conv 3×3."""
 
-    def __init__(self, ch: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = Conv2d(ch, ch, 3, padding=1, dtype=dtype, rngs=rngs)
+    def __init__(self, ch: int, *, dtype):
+        self.conv = Conv2d(ch, ch, 3, padding=1, dtype=dtype)
 
     def __call__(self, x: Array, size: tuple[int, int] | None = None) -> Array:
         size = size or (2 * x.shape[1], 2 * x.shape[2])
@@ -282,22 +281,22 @@ class DownBlock(nnx.Module):
     """``CrossAttnDownBlock2D`` (with attentions) or ``DownBlock2D`` (without)."""
 
     def __init__(self, cfg: UNetConfig, i: int, in_ch: int, *, lora_rank: int, dtype,
-                 attn_impl: str, rngs: nnx.Rngs):
+                 attn_impl: str):
         out_ch = cfg.block_out_channels[i]
         has_attn = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
         self.resnets = nnx.List([
             ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, cfg.time_embed_dim,
-                          groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+                          groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=dtype)
             for j in range(cfg.layers_per_block)])
         self.attentions = nnx.List([
             Transformer2DModel(out_ch, cfg.num_attention_heads[i], cfg.cross_attention_dim,
                                layers=cfg.transformer_layers_per_block[i], groups=cfg.norm_num_groups,
                                linear_projection=cfg.use_linear_projection, lora_rank=lora_rank,
-                               dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+                               dtype=dtype, attn_impl=attn_impl)
             for _ in range(cfg.layers_per_block)]) if has_attn else None
         final = i == len(cfg.block_out_channels) - 1
         self.downsamplers = None if final else nnx.List(
-            [Downsample2D(out_ch, padding=cfg.downsample_padding, dtype=dtype, rngs=rngs)])
+            [Downsample2D(out_ch, padding=cfg.downsample_padding, dtype=dtype)])
 
     def __call__(self, x, temb, context):
         skips = []
@@ -316,7 +315,7 @@ class UpBlock(nnx.Module):
     """``CrossAttnUpBlock2D`` / ``UpBlock2D``: layers_per_block+1 resnets over concatenated skips."""
 
     def __init__(self, cfg: UNetConfig, i: int, prev_out: int, *, lora_rank: int, dtype,
-                 attn_impl: str, rngs: nnx.Rngs):
+                 attn_impl: str):
         rev = tuple(reversed(cfg.block_out_channels))
         rev_heads = tuple(reversed(cfg.num_attention_heads))
         rev_layers = tuple(reversed(cfg.transformer_layers_per_block))
@@ -329,16 +328,15 @@ class UpBlock(nnx.Module):
             skip_ch = in_ch if j == n - 1 else out_ch
             res_in = prev_out if j == 0 else out_ch
             resnets.append(ResnetBlock2D(res_in + skip_ch, out_ch, cfg.time_embed_dim,
-                                         groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=dtype,
-                                         rngs=rngs))
+                                         groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=dtype))
         self.resnets = nnx.List(resnets)
         self.attentions = nnx.List([
             Transformer2DModel(out_ch, rev_heads[i], cfg.cross_attention_dim, layers=rev_layers[i],
                                groups=cfg.norm_num_groups, linear_projection=cfg.use_linear_projection,
-                               lora_rank=lora_rank, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+                               lora_rank=lora_rank, dtype=dtype, attn_impl=attn_impl)
             for _ in range(n)]) if has_attn else None
         final = i == len(rev) - 1
-        self.upsamplers = None if final else nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)])
+        self.upsamplers = None if final else nnx.List([Upsample2D(out_ch, dtype=dtype)])
 
     def __call__(self, x, skips, temb, context, upsample_size, reference_from: int):
         """``reference_from``: index of the first of this block's attentions that uses reference
@@ -356,17 +354,17 @@ class UpBlock(nnx.Module):
 class MidBlock(nnx.Module):
     """``UNetMidBlock2DCrossAttn``: resnet, (transformer, resnet) × 1."""
 
-    def __init__(self, cfg: UNetConfig, *, lora_rank: int, dtype, attn_impl: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: UNetConfig, *, lora_rank: int, dtype, attn_impl: str):
         ch = cfg.block_out_channels[-1]
         kw = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                  output_scale_factor=cfg.mid_block_scale_factor, dtype=dtype, rngs=rngs)
+                  output_scale_factor=cfg.mid_block_scale_factor, dtype=dtype)
         self.resnets = nnx.List([ResnetBlock2D(ch, ch, cfg.time_embed_dim, **kw),
                                  ResnetBlock2D(ch, ch, cfg.time_embed_dim, **kw)])
         self.attentions = nnx.List([
             Transformer2DModel(ch, cfg.num_attention_heads[-1], cfg.cross_attention_dim,
                                layers=cfg.transformer_layers_per_block[-1], groups=cfg.norm_num_groups,
                                linear_projection=cfg.use_linear_projection, lora_rank=lora_rank,
-                               dtype=dtype, attn_impl=attn_impl, rngs=rngs)])
+                               dtype=dtype, attn_impl=attn_impl)])
 
     def __call__(self, x, temb, context):
         x = self.resnets[0](x, temb)
@@ -375,9 +373,9 @@ class MidBlock(nnx.Module):
 
 
 class TimestepEmbedding(nnx.Module):
-    def __init__(self, in_ch: int, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.linear_1 = Linear(in_ch, dim, dtype=dtype, rngs=rngs)
-        self.linear_2 = Linear(dim, dim, dtype=dtype, rngs=rngs)
+    def __init__(self, in_ch: int, dim: int, *, dtype):
+        self.linear_1 = Linear(in_ch, dim, dtype=dtype)
+        self.linear_2 = Linear(dim, dim, dtype=dtype)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
@@ -385,12 +383,12 @@ class TimestepEmbedding(nnx.Module):
 
 class UNet2DConditionModel(nnx.Module):
     def __init__(self, cfg: UNetConfig, *, lora_rank: int = 0, dtype=jnp.float32,
-                 attn_impl: str = "auto", rngs: nnx.Rngs):
+                 attn_impl: str = "auto"):
         self.cfg = cfg
         c0 = cfg.block_out_channels[0]
-        self.conv_in = Conv2d(cfg.in_channels, c0, 3, padding=1, dtype=dtype, rngs=rngs)
-        self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, dtype=dtype, rngs=rngs)
-        kw = dict(lora_rank=lora_rank, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+        self.conv_in = Conv2d(cfg.in_channels, c0, 3, padding=1, dtype=dtype)
+        self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, dtype=dtype)
+        kw = dict(lora_rank=lora_rank, dtype=dtype, attn_impl=attn_impl)
         downs, ch = [], c0
         for i in range(len(cfg.block_out_channels)):
             downs.append(DownBlock(cfg, i, ch, **kw))
@@ -403,7 +401,7 @@ class UNet2DConditionModel(nnx.Module):
             prev = tuple(reversed(cfg.block_out_channels))[i]
         self.up_blocks = nnx.List(ups)
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, c0, eps=cfg.norm_eps, dtype=jnp.float32)
-        self.conv_out = Conv2d(c0, cfg.out_channels, 3, padding=1, dtype=jnp.float32, rngs=rngs)
+        self.conv_out = Conv2d(c0, cfg.out_channels, 3, padding=1, dtype=jnp.float32)
         self.dtype = dtype
         # static: where reference attention starts in each up block, counting the last
         # `reference_layers` transformer blocks of the decoder in forward order

@@ -86,11 +86,11 @@ _EPS = 1e-6  # every GroupNorm in the SD VAE
 class VAEMidBlock(nnx.Module):
     """``UNetMidBlock2D``: resnet, (attention, resnet) with no time embedding."""
 
-    def __init__(self, ch: int, groups: int, add_attention: bool, *, dtype, attn_impl, rngs):
-        kw = dict(groups=groups, eps=_EPS, dtype=dtype, rngs=rngs)
+    def __init__(self, ch: int, groups: int, add_attention: bool, *, dtype, attn_impl):
+        kw = dict(groups=groups, eps=_EPS, dtype=dtype)
         self.resnets = nnx.List([ResnetBlock2D(ch, ch, None, **kw), ResnetBlock2D(ch, ch, None, **kw)])
         self.attentions = nnx.List([SpatialSelfAttention(ch, groups=groups, eps=_EPS, dtype=dtype,
-                                                         attn_impl=attn_impl, rngs=rngs)]) \
+                                                         attn_impl=attn_impl)]) \
             if add_attention else None
 
     def __call__(self, x):
@@ -101,10 +101,10 @@ class VAEMidBlock(nnx.Module):
 
 
 class DownEncoderBlock2D(nnx.Module):
-    def __init__(self, in_ch, out_ch, layers, groups, add_downsample, *, dtype, rngs):
+    def __init__(self, in_ch, out_ch, layers, groups, add_downsample, *, dtype):
         self.resnets = nnx.List([ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups=groups,
-                                               eps=_EPS, dtype=dtype, rngs=rngs) for j in range(layers)])
-        self.downsamplers = nnx.List([Downsample2D(out_ch, padding=0, dtype=dtype, rngs=rngs)]) \
+                                               eps=_EPS, dtype=dtype) for j in range(layers)])
+        self.downsamplers = nnx.List([Downsample2D(out_ch, padding=0, dtype=dtype)]) \
             if add_downsample else None
 
     def __call__(self, x):
@@ -116,10 +116,10 @@ class DownEncoderBlock2D(nnx.Module):
 
 
 class UpDecoderBlock2D(nnx.Module):
-    def __init__(self, in_ch, out_ch, layers, groups, add_upsample, *, dtype, rngs):
+    def __init__(self, in_ch, out_ch, layers, groups, add_upsample, *, dtype):
         self.resnets = nnx.List([ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups=groups,
-                                               eps=_EPS, dtype=dtype, rngs=rngs) for j in range(layers)])
-        self.upsamplers = nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if add_upsample else None
+                                               eps=_EPS, dtype=dtype) for j in range(layers)])
+        self.upsamplers = nnx.List([Upsample2D(out_ch, dtype=dtype)]) if add_upsample else None
 
     def __call__(self, x):
         for r in self.resnets:
@@ -130,18 +130,17 @@ class UpDecoderBlock2D(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    def __init__(self, cfg: VAEConfig, *, dtype, attn_impl, rngs):
+    def __init__(self, cfg: VAEConfig, *, dtype, attn_impl):
         ch = cfg.block_out_channels
         g = cfg.norm_num_groups
-        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1, dtype=dtype, rngs=rngs)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1, dtype=dtype)
         self.down_blocks = nnx.List([
             DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < len(ch) - 1,
-                               dtype=dtype, rngs=rngs) for i in range(len(ch))])
+                               dtype=dtype) for i in range(len(ch))])
         self.mid_block = VAEMidBlock(ch[-1], g, cfg.mid_block_add_attention, dtype=dtype,
-                                     attn_impl=attn_impl, rngs=rngs)
+                                     attn_impl=attn_impl)
         self.conv_norm_out = GroupNorm(g, ch[-1], eps=_EPS, dtype=dtype)
-        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1, dtype=jnp.float32,
-                               rngs=rngs)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1, dtype=jnp.float32)
 
     def __call__(self, x):
         x = self.conv_in(x)
@@ -152,17 +151,17 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg: VAEConfig, *, dtype, attn_impl, rngs):
+    def __init__(self, cfg: VAEConfig, *, dtype, attn_impl):
         rev = tuple(reversed(cfg.block_out_channels))
         g = cfg.norm_num_groups
-        self.conv_in = Conv2d(cfg.latent_channels, rev[0], 3, padding=1, dtype=dtype, rngs=rngs)
+        self.conv_in = Conv2d(cfg.latent_channels, rev[0], 3, padding=1, dtype=dtype)
         self.mid_block = VAEMidBlock(rev[0], g, cfg.mid_block_add_attention, dtype=dtype,
-                                     attn_impl=attn_impl, rngs=rngs)
+                                     attn_impl=attn_impl)
         self.up_blocks = nnx.List([
             UpDecoderBlock2D(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, g, i < len(rev) - 1,
-                             dtype=dtype, rngs=rngs) for i in range(len(rev))])
+                             dtype=dtype) for i in range(len(rev))])
         self.conv_norm_out = GroupNorm(g, rev[-1], eps=_EPS, dtype=dtype)
-        self.conv_out = Conv2d(rev[-1], cfg.out_channels, 3, padding=1, dtype=jnp.float32, rngs=rngs)
+        self.conv_out = Conv2d(rev[-1], cfg.out_channels, 3, padding=1, dtype=jnp.float32)
 
     def __call__(self, z):
         x = self.conv_in(z)
@@ -173,14 +172,14 @@ class Decoder(nnx.Module):
 
 
 class AutoencoderKL(nnx.Module):
-    def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32, attn_impl: str = "auto", rngs: nnx.Rngs):
+    def __init__(self, cfg: VAEConfig, *, dtype=jnp.float32, attn_impl: str = "auto"):
         self.cfg = cfg
-        self.encoder = Encoder(cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
-        self.decoder = Decoder(cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+        self.encoder = Encoder(cfg, dtype=dtype, attn_impl=attn_impl)
+        self.decoder = Decoder(cfg, dtype=dtype, attn_impl=attn_impl)
         lc = cfg.latent_channels
-        self.quant_conv = Conv2d(2 * lc, 2 * lc, 1, dtype=jnp.float32, rngs=rngs) \
+        self.quant_conv = Conv2d(2 * lc, 2 * lc, 1, dtype=jnp.float32) \
             if cfg.use_quant_conv else None
-        self.post_quant_conv = Conv2d(lc, lc, 1, dtype=dtype, rngs=rngs) \
+        self.post_quant_conv = Conv2d(lc, lc, 1, dtype=dtype) \
             if cfg.use_post_quant_conv else None
 
     def encode(self, images: Array) -> tuple[Array, Array]:
