@@ -14,6 +14,8 @@ the state carry a leading batch axis. All hyperparameters that are continuous (l
 
 One iteration (ALGORITHMS.md §2, §3.3, §4), for every edit that is still live:
   1. one forward (ε_k, F_k) = features(z_k, ĉ_k)  — the only network forward of the iteration;
+     at k = 0 (z = z*, ĉ = c) it also provides F0 (tracking templates, the information-preserving
+     reference patches) and ε(z*) for Φ(z*), which the reference computes with a separate forward;
   2. tracking (not at k = 0): handles ← nearest neighbour of the templates in F_k;
   3. stop test: every valid pair within 2 px → the edit is done (no update);
   4. losses on that forward: motion supervision + background (local), DragText's text loss,
@@ -108,9 +110,6 @@ class DragInputs(NamedTuple):
 
     z0: Array            # (h, w, 4) the inverted latent z* (t = t*)
     c0: Array            # (T, D) original text embedding
-    phi0: Array          # (h, w, 4) Φ(z*), the one-step DDIM prediction of the unedited latent
-    tmpl: Array          # (N, C) tracking templates F0[⌊p0⌋]
-    ref: Array           # (N, 2r1+1, 2r1+1, C) F0 patches at p0 ("initial" reference) or (N, 0)
     handles0: Array      # (N, 2)
     targets: Array       # (N, 2)
     mask: Array          # (N,) bool
@@ -124,6 +123,9 @@ class DragInputs(NamedTuple):
 class DragState(NamedTuple):
     z: Array
     c: Array
+    eps0: Array          # (h, w, 4) ε(z*): Φ(z*) = Φ(z*, ε*) for the background term
+    tmpl: Array          # (N, C) tracking templates F0[⌊p0⌋]
+    ref: Array           # (N, 2r1+1, 2r1+1, C) F0 patches at p0 ("initial" reference) or (N, 0)
     opt_z: Any
     opt_c: Any
     handles: Array       # (N, 2) current handles (integer-valued)
@@ -140,21 +142,18 @@ _ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Array, handles0: Array,
             targets: Array, mask: Array, keep: Array, token_mask: Array, clip_text: Array,
             t_star: Array, hypers: DragHypers) -> tuple[DragInputs, DragState]:
-    """One forward at (z*, c) → F0 and Φ(z*); the loop's constants and initial state (one edit)."""
-    eps0, f_lat0 = nets.features(shared, edit, z0, c0, t_star)
-    f0 = upsample_features(f_lat0, cfg.sup_hw)
-    phi0 = ddim_step(cfg.schedule, z0, eps0, t_star)
-    tmpl = templates(f0, handles0)
-    if cfg.ms_reference == "initial":
-        ref = reference_patches(f0, handles0, cfg.r_m)
-    else:
-        ref = jnp.zeros((handles0.shape[0], 0), f0.dtype)
-    inputs = DragInputs(z0, c0, phi0, tmpl, ref, handles0, targets, mask, keep, token_mask, clip_text,
-                        jnp.asarray(t_star, jnp.int32), hypers)
+    """The loop's constants and initial state for one edit (no network call: F0 and Φ(z*) are
+    filled in by the first iteration's forward)."""
+    eps_s, f_s = jax.eval_shape(lambda: nets.features(shared, edit, z0, c0, t_star))
     n = handles0.shape[0]
+    ch = f_s.shape[-1]
+    ref_shape = (n, 2 * cfg.r_m + 1, 2 * cfg.r_m + 1, ch) if cfg.ms_reference == "initial" else (n, 0)
+    inputs = DragInputs(z0, c0, handles0, targets, mask, keep, token_mask, clip_text,
+                        jnp.asarray(t_star, jnp.int32), hypers)
     state = DragState(
-        z=z0, c=c0, opt_z=_ADAM.init(z0), opt_c=_ADAM.init(c0), handles=handles0,
-        it=jnp.int32(0), done=jnp.bool_(False),
+        z=z0, c=c0, eps0=jnp.zeros(eps_s.shape, jnp.float32), tmpl=jnp.zeros((n, ch), jnp.float32),
+        ref=jnp.zeros(ref_shape, jnp.float32), opt_z=_ADAM.init(z0), opt_c=_ADAM.init(c0),
+        handles=handles0, it=jnp.int32(0), done=jnp.bool_(False),
         traj=jnp.zeros((cfg.max_iters + 1, n, 2), jnp.float32).at[0].set(handles0),
         losses=jnp.full((cfg.max_iters,), jnp.nan, jnp.float32), stale=jnp.zeros_like(z0))
     return inputs, state
@@ -168,19 +167,25 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     (eps, f_lat), vjp = jax.vjp(lambda z, c: nets.features(shared, edit, z, c, t), st.z, st.c)
     f = upsample_features(f_lat, cfg.sup_hw)
 
-    tracked = track(f, inp.tmpl, st.handles, inp.targets, inp.mask, r=cfg.r_p,
-                    fast=cfg.tracking == "fast")
+    first = st.it == 0  # z = z*, ĉ = c: this forward is the reference's F0 / Φ(z*) forward
+    eps0 = jnp.where(first, jax.lax.stop_gradient(eps), st.eps0)
+    tmpl = jnp.where(first, templates(f, inp.handles0), st.tmpl)
+    ref_p = st.ref
+    if cfg.ms_reference == "initial":
+        ref_p = jnp.where(first, reference_patches(f, inp.handles0, cfg.r_m), st.ref)
+    tracked = track(f, tmpl, st.handles, inp.targets, inp.mask, r=cfg.r_p, fast=cfg.tracking == "fast")
     handles = jnp.where(st.it > 0, tracked, st.handles)
     dist = jnp.linalg.norm(inp.targets - handles, axis=-1)
     active = inp.mask & (dist >= STOP_DISTANCE)
     reached = ~jnp.any(active)
 
-    ref = dict(ref_patches=inp.ref, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
-
+    ref = dict(ref_patches=ref_p, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
     def local_loss(z, e, fl):
         ms = motion_supervision(upsample_features(fl, cfg.sup_hw), handles, inp.targets, inp.mask,
                                 r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, **ref)
-        return ms + background_loss(ddim_step(sched, z, e, t), inp.phi0, inp.keep, hp.lam)
+        # Φ(z) − Φ(z*) = Φ(z − z*, ε − ε*) (Φ is linear): exactly 0 where nothing changed,
+        # in particular everywhere at k = 0, as in the reference
+        return ms + background_loss(ddim_step(sched, z - inp.z0, e - eps0, t), inp.keep, hp.lam)
 
     loss, (gz_local, geps_local, gf_local) = jax.value_and_grad(local_loss, argnums=(0, 1, 2))(
         st.z, eps, f_lat)
@@ -229,6 +234,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
 
     return DragState(
         z=pick(z_new, st.z, update), c=pick(c_new, st.c, update),
+        eps0=pick(eps0, st.eps0, live), tmpl=pick(tmpl, st.tmpl, live), ref=pick(ref_p, st.ref, live),
         opt_z=pick(opt_z, st.opt_z, update), opt_c=pick(opt_c, st.opt_c, update),
         handles=pick(handles, st.handles, live),
         it=st.it + update.astype(jnp.int32),

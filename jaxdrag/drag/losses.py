@@ -29,6 +29,20 @@ Array = jax.Array
 STOP_DISTANCE = 2.0  # pairs closer than this are skipped; all closer → the edit is done
 
 
+@jax.custom_jvp
+def l1(x: Array) -> Array:
+    """|x| with PyTorch's subgradient sign(x) (0 at 0). ``jnp.abs`` differentiates to 1 at 0, which
+    matters here: at the first iteration Φ(z) − Φ(z*) and ĉ − c are exactly 0, and a gradient of
+    ±1 there would push every background latent and every regularised text entry by a full step."""
+    return jnp.abs(x)
+
+
+@l1.defjvp
+def _l1_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return jnp.abs(x), jnp.sign(x) * t
+
+
 def upsample_features(f_lat: Array, sup_hw: tuple[int, int]) -> Array:
     """Bilinear resize (h, w, C) → (h_s, w_s, C) with half-pixel centres, i.e. PyTorch's
     ``F.interpolate(mode="bilinear", align_corners=False)`` for upsampling."""
@@ -127,25 +141,28 @@ def motion_supervision(f: Array, handles: Array, targets: Array, mask: Array, *,
         rows_p, cols_p = patch_positions(p, r)
         ok = ((_in_range(rows_q, h) & _in_range(rows_p.astype(d.dtype) + di[0], h))[:, None]
               & (_in_range(cols_q, w) & _in_range(cols_p.astype(d.dtype) + di[1], w))[None, :])
-        l1 = jnp.mean(jnp.abs(a - b), axis=-1)  # channel mean, (2r+1, 2r+1)
-        return weight * jnp.sum(jnp.where(ok, l1, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+        dist = jnp.mean(l1(a - b), axis=-1)  # channel-mean L1, (2r+1, 2r+1)
+        return weight * jnp.sum(jnp.where(ok, dist, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
 
     per_pair = jax.vmap(pair)(handles, ref_points, d, ref_patches)
     return jnp.sum(jnp.where(active, per_pair, 0.0))
 
 
-def background_loss(phi: Array, phi0: Array, keep: Array, lam) -> Array:
+def background_loss(dphi: Array, keep: Array, lam) -> Array:
     """λ · Σ |Φ(z) − Φ(z*)| ⊙ keep over the whole latent (a sum, not a mean: λ is tuned to it).
 
+    dphi = Φ(z) − Φ(z*). The DDIM step Φ is linear in (z, ε), so callers form it as
+    Φ(z − z*, ε − ε*): exactly 0 wherever z and ε are unchanged (as in PyTorch, where the two Φ
+    happen to be bit-identical), instead of rounding noise whose L1 subgradient would be ±1.
     keep: (h, w, 1) = 1 − mask at latent resolution where the user drew a mask, and all zeros
     when no mask was drawn (the reference then skips the term entirely)."""
-    return lam * jnp.sum(jnp.abs(phi - phi0) * keep)
+    return lam * jnp.sum(l1(dphi) * keep)
 
 
 def text_regularizer(c: Array, c0: Array, token_mask: Array, lam_text) -> Array:
     """DragText's λ_t · Σ_{j<P, d} |ĉ_jd − c_jd|: L1 sum over BOS + prompt tokens.
     token_mask: (77,) float, 1 for the first P positions."""
-    return lam_text * jnp.sum(jnp.abs(c - c0) * token_mask[:, None])
+    return lam_text * jnp.sum(l1(c - c0) * token_mask[:, None])
 
 
 def clip_loss(image_embed: Array, text_embed: Array, coef) -> Array:
