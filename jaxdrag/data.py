@@ -204,6 +204,10 @@ def bucket_key(p: Prepared) -> tuple:
 # datasets
 
 
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle that references a global outside the allowed numpy/plain-type set."""
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Loads only plain Python types and numpy arrays: any other global (a class, a function —
     the way a pickle runs code) is refused with UnpicklingError naming it."""
@@ -221,15 +225,15 @@ class SafeUnpickler(pickle.Unpickler):
                 from numpy._core.multiarray import scalar
                 return scalar
             return getattr(np, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed (only numpy arrays "
-                                     f"and plain types)")
+        raise ForbiddenGlobal(f"global '{module}.{name}' is not allowed (only numpy arrays and plain "
+                              f"types)")
 
 
 def safe_load_pickle(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return SafeUnpickler(f).load()
-    except pickle.UnpicklingError as e:
+    except ForbiddenGlobal as e:
         raise RequestError(f"{path}: refused: {e}") from None
     except Exception as e:  # truncated / corrupt pickles raise many types
         raise RequestError(f"{path}: cannot read ({type(e).__name__}: {e})") from None

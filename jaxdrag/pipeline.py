@@ -98,7 +98,10 @@ class LoRASettings:
 
 
 class _Stages:
-    """Ahead-of-time compiled stage functions, cached per (stage, input shapes/dtypes)."""
+    """Ahead-of-time compiled stage functions, cached per (jitted function, input shapes/dtypes).
+
+    The function object is part of the key: stage functions bake static settings in (the drag
+    config, max_iters, the output size), so equal input shapes do not imply the same program."""
 
     def __init__(self):
         self._cache: dict = {}
@@ -106,7 +109,7 @@ class _Stages:
 
     def __call__(self, name: str, fn, *args):
         leaves, tree = jax.tree.flatten(args)
-        key = (name, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        key = (name, fn, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
         exe = self._cache.get(key)
         if exe is None:
             t0 = time.perf_counter()
@@ -484,7 +487,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         dbar = tqdm(total=cfg.max_iters, desc=f"drag ×{b}", leave=False)
 
         def cb(it, done):
-            dbar.n = int(np.max(np.where(np.asarray(done), 0, np.asarray(it))))
+            dbar.n = int(np.max(np.asarray(it)))
             dbar.refresh()
 
     prep, loop = pipe.drag_runner(cfg, settings.clip_double_unit_map, cb)

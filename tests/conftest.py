@@ -11,6 +11,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = Path(os.environ.get("JAXDRAG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
+def pytest_configure(config):
+    """One persistent XLA cache for the session: programs compiled for one pipeline object are
+    reused by the next (the CLI tests build their own)."""
+    import tempfile
+
+    import jax
+
+    d = Path(tempfile.mkdtemp(prefix="jaxdrag-xla-"))
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """(tiny SD folder, tiny CLIP folder), generated fresh for the session."""

@@ -1,0 +1,306 @@
+"""``jaxdrag`` command line: ``edit`` (one image), ``run`` (a DragBench / Drag100 folder), ``demo``.
+
+Every drag setting of the method presets has its own option (``--max-iters``, ``--latent-lr``,
+``--r-m``, ``--fusion``, …), generated from ``jaxdrag.drag.methods``; ``--steps`` is an alias of
+``--max-iters``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from .drag.loop import DragConfig, DragHypers
+from .drag.methods import CONFIG_KEYS, HYPER_KEYS, METHODS
+
+
+def _enable_compile_cache(enabled: bool) -> None:
+    if not enabled:
+        return
+    import jax
+
+    d = Path(os.environ.get("JAXDRAG_CACHE_DIR", Path.home() / ".cache" / "jaxdrag" / "xla"))
+    d.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _parse_bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _add_drag_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("drag settings (default: the method preset)")
+    g.add_argument("--method", default="dragtext", choices=METHODS)
+    fields = {f.name: f for f in dataclasses.fields(DragConfig)}
+    for key in CONFIG_KEYS:
+        typ = {"r_m": int, "r_p": int, "max_iters": int, "max_step": float, "ms_weight": float,
+               "optimize_text": _parse_bool, "use_clip": _parse_bool, "stale_latent_grad": _parse_bool}.get(key, str)
+        flags = [f"--{key.replace('_', '-')}"] + (["--steps"] if key == "max_iters" else [])
+        g.add_argument(*flags, dest=key, type=typ, default=None,
+                       help=f"DragConfig.{key} (default {fields[key].default!r} unless the preset sets it)")
+    for key in HYPER_KEYS:
+        g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=None, help=f"hyperparameter {key}")
+    p.add_argument("--lora-steps", type=int, default=80)
+    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--lora-batch", type=int, default=4)
+    p.add_argument("--inversion-strength", type=float, default=0.7)
+    p.add_argument("--width", type=int, default=None,
+                   help="working width (default: the model's native width, 512 for SD-1.5; 0 keeps the input size)")
+    p.add_argument("--no-reference-attention", action="store_true",
+                   help="denoise without mutual self-attention")
+    p.add_argument("--clip-double-unit-map", action="store_true",
+                   help="reproduce CLIPDrag's double [0,1] mapping of the CLIP input (reference quirk)")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None,
+                   help="SD-1.5 diffusers folder or LDM .safetensors (default: the tiny built-in model)")
+    p.add_argument("--clip", type=Path, default=None,
+                   help="HF CLIP folder (ViT-B/16) for CLIPDrag methods (default with the tiny model: tiny CLIP)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on GPU), float32, bfloat16")
+    p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+
+
+def _overrides(args) -> dict:
+    return {k: getattr(args, k) for k in CONFIG_KEYS + HYPER_KEYS if getattr(args, k, None) is not None}
+
+
+def _settings(args):
+    from .pipeline import EditSettings, LoRASettings
+
+    return EditSettings(method=args.method, width=args.width, inversion_strength=args.inversion_strength,
+                        lora=LoRASettings(steps=args.lora_steps, lr=args.lora_lr, batch=args.lora_batch),
+                        reference_attention=not args.no_reference_attention,
+                        clip_double_unit_map=args.clip_double_unit_map,
+                        batch_size=getattr(args, "batch_size", 8))
+
+
+def _load(args, need_clip: bool):
+    from .pipeline import load_pipeline
+    from .tiny import ensure_tiny
+
+    model, clip = args.model, args.clip
+    if model is None:
+        model, tiny_clip = ensure_tiny()
+        clip = clip or tiny_clip
+        print(f"note: using the tiny random-weight model at {model}; pass --model for real edits", file=sys.stderr)
+    if need_clip and clip is None:
+        raise SystemExit(f"error: method {args.method!r} needs a CLIP model: pass --clip PATH "
+                         f"(an HF openai/clip-vit-base-patch16 folder)")
+    t0 = time.perf_counter()
+    pipe = load_pipeline(model, clip=clip if need_clip else None, dtype=args.dtype)
+    print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return pipe
+
+
+def _parse_points(text: str) -> list[list[float]]:
+    pts = []
+    for tok in text.replace(";", " ").split():
+        try:
+            x, y = (float(v) for v in tok.split(","))
+        except ValueError:
+            raise SystemExit(f"error: point {tok!r} is not 'x,y'") from None
+        pts.append([x, y])
+    return pts
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read image {path}: {e}") from None
+
+
+def cmd_edit(args) -> int:
+    from .data import EditRequest, RequestError, write_result
+    from .drag.methods import resolve
+    from .pipeline import edit_batch
+
+    img = _read_image(args.image)
+    mask = None
+    if args.mask is not None:
+        mask = _read_image(args.mask)[..., 0] > 0
+    cfg, _ = resolve(args.method, **_overrides(args))
+    pipe = _load(args, cfg.use_clip)
+    req = EditRequest(image=img, points=_parse_points(args.points), prompt=args.prompt, mask=mask,
+                      edit_prompt=args.edit_prompt, name=args.image.stem, seed=args.seed)
+    try:
+        res = edit_batch(pipe, [req], args.method, settings=_settings(args), progress=not args.quiet,
+                         **_overrides(args))[0]
+    except RequestError as e:
+        raise SystemExit(f"error: {e}") from None
+    write_result(res, args.out)
+    print(json.dumps({"out": str(args.out), "iterations": res.iterations, "reached": res.reached,
+                      "final_handles": res.handles.round(1).tolist(),
+                      "timings_s": {k: round(v, 2) for k, v in res.timings.items()}}, indent=1))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from tqdm import tqdm
+
+    from .data import RequestError, find_samples, is_done, prepare, write_json, write_result
+    from .drag.methods import resolve
+    from .pipeline import edit_batch
+
+    try:
+        samples = find_samples(args.dataset)
+    except RequestError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.only:
+        samples = [s for s in samples if s.name in set(args.only)]
+    if args.limit:
+        samples = samples[:args.limit]
+    out = Path(args.out)
+    todo = [s for s in samples if not is_done(out / s.name)]
+    print(f"{len(samples)} samples, {len(samples) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
+    cfg, _ = resolve(args.method, **_overrides(args))
+    failures: dict[str, str] = {}
+    done = len(samples) - len(todo)
+    if todo:
+        pipe = _load(args, cfg.use_clip)
+        settings = _settings(args)
+        width = pipe.native_width if settings.width is None else (settings.width or None)
+        buckets: dict = {}
+
+        def flush(key):
+            batch = buckets.pop(key)
+            try:
+                results = edit_batch(pipe, [r for _, r in batch], args.method, settings=settings,
+                                     progress=not args.quiet, **_overrides(args))
+            except Exception as e:  # a failing batch is reported, the run goes on
+                for s, _ in batch:
+                    failures[s.name] = f"{type(e).__name__}: {e}"
+                    traceback.print_exc(file=sys.stderr)
+                return 0
+            for (s, _), res in zip(batch, results):
+                res.name = s.name
+                write_result(res, out / s.name)
+            return len(batch)
+
+        bar = tqdm(total=len(todo), desc="samples", disable=args.quiet)
+        for s in todo:
+            try:
+                req = s.load()
+                req.seed = args.seed
+                key = prepare(req, width, pipe.native_width).image.shape[:2]  # validates too
+            except RequestError as e:
+                failures[s.name] = str(e)
+                print(f"skipped {s.name}: {e}", file=sys.stderr)
+                bar.update(1)
+                continue
+            buckets.setdefault(key, []).append((s, req))
+            if len(buckets[key]) >= settings.batch_size:
+                n = flush(key)
+                done += n
+                bar.update(settings.batch_size)
+        for key in list(buckets):
+            n = len(buckets[key])
+            done += flush(key)
+            bar.update(n)
+        bar.close()
+    summary = {"dataset": str(args.dataset), "method": args.method, "total": len(samples), "done": done,
+               "failed": failures}
+    write_json(out / "summary.json", summary)
+    print(json.dumps({"done": done, "failed": len(failures), "summary": str(out / "summary.json")}))
+    return 0 if not failures else 1
+
+
+def demo_example(size: int = 128):
+    """A built-in example: a soft orange disc on a blue-green gradient; drag its right edge
+    outwards, with a mask around the disc."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.stack([0.2 + 0.3 * yy, 0.5 + 0.3 * xx, 0.8 - 0.3 * yy], -1)
+    d = np.sqrt((xx - 0.45) ** 2 + (yy - 0.5) ** 2)
+    disc = np.clip((0.22 - d) * 40, 0, 1)[..., None]
+    img = img * (1 - disc) + np.array([0.95, 0.55, 0.15]) * disc
+    mask = (d < 0.38).astype(np.uint8)
+    s = size / 128
+    points = [[0.45 * size + 26 * s, 0.5 * size], [0.45 * size + 40 * s, 0.5 * size]]
+    return (img * 255).astype(np.uint8), points, mask, "an orange ball on a gradient background"
+
+
+def cmd_demo(args) -> int:
+    from .data import EditRequest, write_result
+    from .pipeline import edit_batch
+
+    args.model, args.clip = None, None
+    pipe = _load(args, args.method.startswith("clipdrag"))
+    img, pts, mask, prompt = demo_example(pipe.native_width)
+    req = EditRequest(image=img, points=pts, prompt=prompt, mask=mask, name="demo")
+    t0 = time.perf_counter()
+    res = edit_batch(pipe, [req], args.method, settings=_settings(args), progress=not args.quiet,
+                     **_overrides(args))[0]
+    write_result(res, args.out)
+    from PIL import Image
+    Image.fromarray(img).save(Path(args.out) / "input.png")
+    print(json.dumps({"out": str(args.out), "files": ["input.png", "edited.png", "overlay.png", "report.json"],
+                      "iterations": res.iterations, "reached": res.reached,
+                      "final_handles": res.handles.round(1).tolist(),
+                      "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jaxdrag", description="Diffusion point-drag image editing in JAX")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("edit", help="edit one image")
+    e.add_argument("image", type=Path)
+    e.add_argument("--points", required=True, help='pixels "x,y x,y …" alternating handle, target')
+    e.add_argument("--prompt", default="", help="description of the image")
+    e.add_argument("--edit-prompt", default=None, help="CLIPDrag's edit text (default: --prompt)")
+    e.add_argument("--mask", type=Path, default=None, help="mask image, nonzero = editable")
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--quiet", action="store_true")
+    _add_model_options(e)
+    _add_drag_options(e)
+    e.set_defaults(fn=cmd_edit)
+
+    r = sub.add_parser("run", help="edit every sample of a DragBench or Drag100 folder (resumable)")
+    r.add_argument("dataset", type=Path)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--batch-size", type=int, default=8, help="edits per vmapped batch (same working size)")
+    r.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    r.add_argument("--only", nargs="*", default=None, help="only these sample names")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--quiet", action="store_true")
+    _add_model_options(r)
+    _add_drag_options(r)
+    r.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser("demo", help="run the tiny built-in model on a built-in example")
+    d.add_argument("--out", type=Path, default=Path("demo_out"))
+    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--dtype", default="auto")
+    d.add_argument("--no-compile-cache", action="store_true")
+    _add_drag_options(d)
+    d.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _enable_compile_cache(not args.no_compile_cache)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

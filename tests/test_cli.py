@@ -1,0 +1,133 @@
+"""The command line: ``run`` on a dataset folder with bad samples and resumption, ``edit``, the
+Drag100 layout, and the README's demo command."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shared_data
+from jaxdrag.cli import main
+from jaxdrag.data import find_samples
+
+FAST = ["--lora-steps", "4", "--max-iters", "4", "--quiet", "--no-compile-cache"]
+
+
+def _image(seed=0, h=96, w=128):
+    rs = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / w
+    return (np.stack([yy, xx, 1 - yy], -1) * 200 + rs.rand(h, w, 3) * 55).astype(np.uint8)
+
+
+def _dragbench_sample(folder: Path, seed: int):
+    folder.mkdir(parents=True)
+    Image.fromarray(_image(seed)).save(folder / "original_image.png")
+    mask = np.zeros((96, 128), np.uint8)
+    mask[20:70, 30:100] = 1
+    meta = {"prompt": f"sample {seed}", "points": [[50, 40], [70, 45]], "mask": mask}
+    (folder / "meta_data.pkl").write_bytes(pickle.dumps(meta))
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_run_skips_bad_samples_and_resumes(tmp_path, capsys):
+    data, out = tmp_path / "bench", tmp_path / "out"
+    for i in (1, 2, 3):
+        _dragbench_sample(data / "cat" / f"s{i}", i)
+    _dragbench_sample(data / "cat" / "corrupt", 4)
+    blob = (data / "cat" / "corrupt" / "meta_data.pkl").read_bytes()
+    (data / "cat" / "corrupt" / "meta_data.pkl").write_bytes(blob[:len(blob) // 3])
+    _dragbench_sample(data / "cat" / "evil", 5)
+    marker = tmp_path / "pwned"
+    (data / "cat" / "evil" / "meta_data.pkl").write_bytes(pickle.dumps(_Evil(marker)))
+    (data / "cat" / "s1" / ".DS_Store").write_bytes(b"junk")
+
+    args = ["run", str(data), "--out", str(out), "--method", "dragtext", "--batch-size", "1"] + FAST
+    assert main(args) == 1  # failures are reported in the exit status
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["total"] == 5 and summary["done"] == 3
+    assert set(summary["failed"]) == {"cat/corrupt", "cat/evil"}
+    assert "refused: global 'posix.system' is not allowed" in summary["failed"]["cat/evil"] or \
+        "refused: global" in summary["failed"]["cat/evil"]
+    assert "cannot read" in summary["failed"]["cat/corrupt"]
+    assert not marker.exists()  # the malicious pickle ran nothing
+    for i in (1, 2, 3):
+        rep = json.loads((out / "cat" / f"s{i}" / "report.json").read_text())
+        assert rep["config"]["prompt"] == f"sample {i}" and rep["config"]["input_size"] == [96, 128]
+        assert (out / "cat" / f"s{i}" / "edited.png").exists() and (out / "cat" / f"s{i}" / "overlay.png").exists()
+    assert not list(out.rglob("*.tmp"))
+
+    # an interruption: s2's report never written, a temp file left behind
+    (out / "cat" / "s2" / "report.json").unlink()
+    (out / "cat" / "s2" / ".edited.png.123.tmp").write_bytes(b"partial")
+    before = {i: (out / "cat" / f"s{i}" / "edited.png").stat().st_mtime_ns for i in (1, 3)}
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "5 samples, 2 already done, 3 to run" in err
+    for i in (1, 3):
+        assert (out / "cat" / f"s{i}" / "edited.png").stat().st_mtime_ns == before[i]
+    assert json.loads((out / "cat" / "s2" / "report.json").read_text())["name"] == "cat/s2"
+    assert json.loads((out / "summary.json").read_text())["done"] == 3
+
+
+def test_edit_command(tmp_path, capsys):
+    img = tmp_path / "in.png"
+    Image.fromarray(_image(7)).save(img)
+    out = tmp_path / "o"
+    assert main(["edit", str(img), "--points", "50,40 70,45", "--prompt", "a gradient", "--out", str(out),
+                 "--method", "dragtext"] + FAST) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["out"] == str(out) and len(printed["final_handles"]) == 1
+    assert Image.open(out / "edited.png").size == (128, 96)
+    with pytest.raises(SystemExit, match=r"point 1 \(target of pair 0\) at \(x=500, y=45\) is outside the 128×96 image"):
+        main(["edit", str(img), "--points", "50,40 500,45", "--out", str(out)] + FAST)
+    with pytest.raises(SystemExit, match="point '50;' is not 'x,y'|is not 'x,y'"):
+        main(["edit", str(img), "--points", "50 70,45", "--out", str(out)] + FAST)
+
+
+def test_drag100_layout(tmp_path):
+    root = tmp_path / "d100"
+    (root / "cat_0").mkdir(parents=True)
+    Image.fromarray(_image(1)).save(root / "cat_0" / "original.jpg")
+    (root / "cat_0" / "points.json").write_text(json.dumps({"points": [[10, 20], [30, 40]]}))
+    Image.fromarray(np.full((96, 128), 255, np.uint8)).save(root / "cat_0" / "mask.png")
+    (root / "bad_0").mkdir()
+    (root / "bad_0" / "points.json").write_text("{not json")
+    samples = find_samples(root)
+    assert [s.name for s in samples] == ["bad_0", "cat_0"]
+    req = samples[1].load()
+    assert req.points == [[10, 20], [30, 40]] and req.prompt == "" and req.mask.shape == (96, 128)
+    with pytest.raises(Exception, match="points.json: cannot read points"):
+        samples[0].load()
+    real = shared_data("data", "Drag100")
+    s = find_samples(real)
+    assert len(s) == 100 and s[0].load().image.shape[2] == 3
+
+
+def test_readme_demo_command(tmp_path):
+    """The demo exactly as the README gives it, in a fresh process (writes ./demo_out)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "jaxdrag demo" in readme
+    exe = shutil.which("jaxdrag") or f"{sys.executable} -m jaxdrag.cli"
+    proc = subprocess.run(f"{exe} demo", shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    for f in ("input.png", "edited.png", "overlay.png", "report.json"):
+        assert (tmp_path / "demo_out" / f).exists()
+    assert out["iterations"] >= 0
+    rep = json.loads((tmp_path / "demo_out" / "report.json").read_text())
+    assert rep["config"]["lora"]["steps"] == 80 and rep["config"]["method"] == "dragtext"
