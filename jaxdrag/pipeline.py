@@ -95,6 +95,7 @@ class LoRASettings:
     batch: int = 4
     weight_decay: float = 1e-2
     chunk: int = 10  # steps per compiled call (progress granularity)
+    remat: bool = False  # rematerialise UNet blocks in the backward (memory for many edits at once)
 
 
 class _Stages:
@@ -158,9 +159,10 @@ class Pipeline:
         reference resizes UI images to this width, keeping the aspect ratio."""
         return int(self.sd.vae.cfg.sample_size)
 
-    def unet_apply(self, params, lora, x, t, ctx, *, reference: bool = False, mid_override=None):
+    def unet_apply(self, params, lora, x, t, ctx, *, reference: bool = False, mid_override=None,
+                   remat: bool = False):
         m = nnx.merge(self.sd.unet.graphdef, lora, params)
-        return m(x, t, ctx, reference_attention=reference, mid_override=mid_override)
+        return m(x, t, ctx, reference_attention=reference, mid_override=mid_override, remat=remat)
 
     def vae_encode_apply(self, params, images):
         return nnx.merge(self.sd.vae.graphdef, params).encode(images)
@@ -245,7 +247,7 @@ class Pipeline:
             ctx_b = jnp.broadcast_to(ctx, (bs,) + ctx.shape)
 
             def loss_fn(lo):
-                eps = self.unet_apply(params, lo, zt, t, ctx_b)[0]
+                eps = self.unet_apply(params, lo, zt, t, ctx_b, remat=settings.remat)[0]
                 return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
 
             loss, g = jax.value_and_grad(loss_fn)(lora)

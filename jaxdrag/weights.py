@@ -90,6 +90,26 @@ class TensorSource:
         return arr
 
 
+class DictSource:
+    """In-memory tensors (e.g. a PyTorch ``state_dict`` converted to numpy) with the
+    ``TensorSource`` interface, for converting models without writing files."""
+
+    def __init__(self, tensors: Mapping[str, Any], label: str = "<state dict>"):
+        self.tensors, self.label = dict(tensors), label
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def file_of(self, key: str) -> str:
+        return self.label
+
+    def shape(self, key: str) -> tuple:
+        return tuple(np.shape(self.tensors[key]))
+
+    def get(self, key: str) -> np.ndarray:
+        return np.asarray(self.tensors[key], np.float32)
+
+
 def _model_files(folder: Path, stem: str) -> list[Path]:
     """The safetensors files of a diffusers/transformers component folder."""
     index = folder / f"{stem}.safetensors.index.json"

@@ -8,6 +8,7 @@ returns ``(eps, taps)``: eps (B, h, w, C_out) float32 and taps = {"mid": mid-blo
 "up": [output of up_blocks[i] after its upsampler, i = 0..n-1]}. DragDiffusion's motion
 supervision uses ``taps["up"][2]`` (640 channels at latent resolution for SD-1.5).
 
+``remat=True`` rematerialises every resnet and transformer block in the backward pass.
 ``reference_attention=True`` makes the self-attention (attn1) of the last ``reference_layers``
 decoder transformer blocks attend to batch row 0's keys/values (MasaCtrl, ALGORITHMS.md §1.5;
 6 blocks for SD-1.5, i.e. up_blocks[2] and up_blocks[3]). ``mid_override`` replaces the mid-block
@@ -277,6 +278,14 @@ class Upsample2D(nnx.Module):
         return self.conv(nearest_resize(x, size))
 
 
+def _remat(remat: bool, fn, *args):
+    """``fn(*args)``, rematerialised in the backward pass when ``remat`` (only the block's inputs
+    are kept; used to fit LoRA training of many edits at once in GPU memory)."""
+    if not remat:
+        return fn(*args)
+    return jax.checkpoint(fn)(*args)
+
+
 class DownBlock(nnx.Module):
     """``CrossAttnDownBlock2D`` (with attentions) or ``DownBlock2D`` (without)."""
 
@@ -298,12 +307,12 @@ class DownBlock(nnx.Module):
         self.downsamplers = None if final else nnx.List(
             [Downsample2D(out_ch, padding=cfg.downsample_padding, dtype=dtype)])
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, remat=False):
         skips = []
         for j, res in enumerate(self.resnets):
-            x = res(x, temb)
+            x = _remat(remat, lambda m, x, t: m(x, t), res, x, temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context, False)
+                x = _remat(remat, lambda m, x, c: m(x, c, False), self.attentions[j], x, context)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -338,14 +347,16 @@ class UpBlock(nnx.Module):
         final = i == len(rev) - 1
         self.upsamplers = None if final else nnx.List([Upsample2D(out_ch, dtype=dtype)])
 
-    def __call__(self, x, skips, temb, context, upsample_size, reference_from: int):
+    def __call__(self, x, skips, temb, context, upsample_size, reference_from: int, remat=False):
         """``reference_from``: index of the first of this block's attentions that uses reference
         attention (len(attentions) = none)."""
         for j, res in enumerate(self.resnets):
             skip = skips.pop()
-            x = res(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), temb)
+            x = _remat(remat, lambda m, x, t: m(x, t), res, jnp.concatenate([x, skip.astype(x.dtype)], axis=-1),
+                       temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context, j >= reference_from)
+                ref = j >= reference_from
+                x = _remat(remat, lambda m, x, c: m(x, c, ref), self.attentions[j], x, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -366,10 +377,10 @@ class MidBlock(nnx.Module):
                                linear_projection=cfg.use_linear_projection, lora_rank=lora_rank,
                                dtype=dtype, attn_impl=attn_impl)])
 
-    def __call__(self, x, temb, context):
-        x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context, False)
-        return self.resnets[1](x, temb)
+    def __call__(self, x, temb, context, remat=False):
+        x = _remat(remat, lambda m, x, t: m(x, t), self.resnets[0], x, temb)
+        x = _remat(remat, lambda m, x, c: m(x, c, False), self.attentions[0], x, context)
+        return _remat(remat, lambda m, x, t: m(x, t), self.resnets[1], x, temb)
 
 
 class TimestepEmbedding(nnx.Module):
@@ -416,7 +427,7 @@ class UNet2DConditionModel(nnx.Module):
         self.reference_starts = tuple(starts)
 
     def __call__(self, x: Array, t: Array, context: Array, *, reference_attention: bool = False,
-                 mid_override: Array | None = None):
+                 mid_override: Array | None = None, remat: bool = False):
         cfg = self.cfg
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
@@ -428,9 +439,9 @@ class UNet2DConditionModel(nnx.Module):
         h = self.conv_in(x)
         skips = [h]
         for blk in self.down_blocks:
-            h, s = blk(h, temb, context)
+            h, s = blk(h, temb, context, remat)
             skips.extend(s)
-        h = self.mid_block(h, temb, context)
+        h = self.mid_block(h, temb, context, remat)
         taps = {"mid": h, "up": []}
         if mid_override is not None:
             h = mid_override.astype(h.dtype)
@@ -442,7 +453,7 @@ class UNet2DConditionModel(nnx.Module):
             # of 2^(#upsamplers); nearest ×2 equals that size otherwise, so always use it.
             size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
             ref_from = self.reference_starts[i] if reference_attention else 1 << 30
-            h = blk(h, mine, temb, context, size, ref_from)
+            h = blk(h, mine, temb, context, size, ref_from, remat)
             taps["up"].append(h)
         h = jax.nn.silu(self.conv_norm_out(h))
         eps = self.conv_out(h)
