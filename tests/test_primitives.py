@@ -150,3 +150,49 @@ def test_blocked_attention_matches_plain_values_and_gradients():
             np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.abs(b).max()))
     # the CPU dispatcher takes it for long sequences
     np.testing.assert_allclose(attention(q, k, v), _xla_attention(q, k, v, False), atol=2e-6)
+
+
+@pytest.mark.parametrize("stride,padding,k,hw", [
+    (1, ((1, 1), (1, 1)), 3, (9, 11)),    # im2col path (≤ IM2COL_MAX_PIXELS outputs)
+    (2, ((0, 1), (0, 1)), 3, (9, 11)),    # the VAE encoder's asymmetric downsampler, im2col
+    (1, ((0, 0), (0, 0)), 1, (7, 7)),     # 1×1, im2col
+    (1, ((1, 1), (1, 1)), 3, (20, 20)),   # convolution path with the explicit-transpose gradient
+    (2, ((1, 1), (1, 1)), 3, (40, 34)),   # strided convolution path
+])
+def test_cpu_conv_paths_match_lax_conv(stride, padding, k, hw):
+    from jaxdrag.models.layers import IM2COL_MAX_PIXELS, _conv, conv2d
+
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(2, *hw, 5).astype(np.float32))
+    w = jnp.asarray(rs.randn(k, k, 5, 7).astype(np.float32))
+    want = _conv(x, w, stride, padding)
+    got = conv2d(x, w, stride, padding)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.abs(want).max()))
+    if hw == (9, 11):
+        assert want.shape[1] * want.shape[2] <= IM2COL_MAX_PIXELS
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(jnp.sin(fn(x, w, stride, padding)))
+    for a, b in zip(jax.grad(loss(conv2d), (0, 1))(x, w), jax.grad(loss(_conv), (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()))
+
+
+def test_conv_gradient_inside_a_loop_keeps_the_canonical_kernel_layout():
+    """XLA:CPU runs convolutions with kernel labels other than 01io as a naive loop nest inside
+    while/scan bodies (jax-ml/jax#12868); the conv's own VJP must not produce them there."""
+    import re
+
+    from jaxdrag.models.layers import conv2d
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU code-generation property")
+    x = jnp.ones((1, 24, 24, 16))
+    w = jnp.full((3, 3, 16, 16), 0.01)
+    g = jax.grad(lambda x, w: jnp.sum(jnp.tanh(conv2d(x, w, 1, ((1, 1), (1, 1))))))
+
+    def body(i, c):
+        return c[0] + 1e-3 * g(*c), c[1]
+    hlo = jax.jit(lambda x, w: jax.lax.fori_loop(0, 3, body, (x, w))[0]).lower(x, w).compile().as_text()
+    labels = re.findall(r"dim_labels=([^,\s]+)", hlo)
+    assert labels and set(labels) == {"b01f_01io->b01f"}, labels

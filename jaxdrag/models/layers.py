@@ -18,6 +18,7 @@ Conv ``weight`` OIHW→HWIO), ``bias``, ``scale`` (norm ``weight``), ``embedding
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,79 @@ class Linear(nnx.Module):
         return y
 
 
+def _conv(x: Array, w: Array, stride: int, padding, rhs_spec: str = "HWIO") -> Array:
+    return jax.lax.conv_general_dilated(x, w, window_strides=(stride, stride), padding=padding,
+                                        dimension_numbers=("NHWC", rhs_spec, "NHWC"))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_explicit_transpose(x: Array, w: Array, stride: int, padding) -> Array:
+    return _conv(x, w, stride, padding)
+
+
+def _conv_fwd(x, w, stride, padding):
+    return _conv(x, w, stride, padding), (x, w)
+
+
+def _conv_bwd(stride, padding, res, g):
+    x, w = res
+    # The input gradient is a convolution with the kernel's I/O axes swapped. JAX expresses it
+    # with kernel dimension labels 01oi; XLA:CPU makes that layout Eigen's 01io by a copy in the
+    # entry computation but not inside a while/scan body, where the convolution then falls
+    # back to a naive loop nest (2-3x slower; jax-ml/jax#12868). Swapping the axes explicitly
+    # (a materialised HWOI copy) gives the canonical form everywhere.
+    w_oi = jnp.swapaxes(w, 2, 3)
+    _, vjp_x = jax.vjp(lambda a: _conv(a, w_oi, stride, padding, "HWOI"), x)
+    _, vjp_w = jax.vjp(lambda k: _conv(x, k, stride, padding), w)  # dead code unless trained
+    return vjp_x(g)[0], vjp_w(g)[0]
+
+
+_conv_explicit_transpose.defvjp(_conv_fwd, _conv_bwd)
+
+
+# Output sizes (pixels per image) up to which CPU convolutions run as im2col + one matmul:
+# XLA:CPU's convolution reads its weights inefficiently when there are few output pixels and
+# many channels (SD's 8×8 and 16×16 levels with 1280-2560 channels run 3-7× slower than the
+# matmul form; benchmarks/RESULTS.md). Larger maps keep the convolution, which wins there.
+IM2COL_MAX_PIXELS = 256
+
+
+def _conv_im2col(x: Array, w: Array, stride: int, padding) -> Array:
+    """The convolution as patches (N, H', W', kh·kw·C_in) @ kernel (kh·kw·C_in, C_out).
+
+    The patch features are ordered (kh, kw, c_in), so an HWIO kernel reshapes without a copy; its
+    gradient is the matmul with the kernel transposed plus the adjoint of the patch gather."""
+    kh, kw, cin, cout = w.shape
+    n, h, wd, _ = x.shape
+    (pt, pb), (pl, pr) = padding
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh = (h + pt + pb - kh) // stride + 1
+    ow = (wd + pl + pr - kw) // stride + 1
+    cols = [xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+            for i in range(kh) for j in range(kw)]
+    cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return jnp.einsum("nhwk,ko->nhwo", cols, w.reshape(kh * kw * cin, cout))
+
+
+def conv2d(x: Array, w: Array, stride: int, padding) -> Array:
+    """NHWC × HWIO → NHWC convolution; ``padding`` is ((top, bottom), (left, right)) in pixels.
+
+    On CPU, small outputs (≤ ``IM2COL_MAX_PIXELS`` pixels) run as im2col + matmul and larger ones
+    as a convolution whose gradient swaps the kernel axes explicitly (see ``_conv_bwd``); both
+    give the same values as the plain ``conv_general_dilated`` used elsewhere (up to fp32
+    summation order)."""
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    stride = int(stride)
+    if jax.default_backend() == "cpu":
+        (pt, pb), (pl, pr) = padding
+        oh = (x.shape[1] + pt + pb - w.shape[0]) // stride + 1
+        ow = (x.shape[2] + pl + pr - w.shape[1]) // stride + 1
+        if oh * ow <= IM2COL_MAX_PIXELS:
+            return _conv_im2col(x, w, stride, padding)
+        return _conv_explicit_transpose(x, w, stride, padding)
+    return _conv(x, w, stride, padding)
+
+
 class Conv2d(nnx.Module):
     """2-D convolution, NHWC, kernel HWIO float32. ``padding`` is PyTorch's symmetric padding;
     ``pad_mode="asym01"`` pads (0, 1) on both spatial axes with padding 0 (the VAE encoder's
@@ -88,10 +162,7 @@ class Conv2d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-            window_strides=(self.stride, self.stride), padding=self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.padding)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
