@@ -153,29 +153,45 @@ def test_blocked_attention_matches_plain_values_and_gradients():
 
 
 @pytest.mark.parametrize("stride,padding,k,hw", [
-    (1, ((1, 1), (1, 1)), 3, (9, 11)),    # im2col path (≤ IM2COL_MAX_PIXELS outputs)
-    (2, ((0, 1), (0, 1)), 3, (9, 11)),    # the VAE encoder's asymmetric downsampler, im2col
-    (1, ((0, 0), (0, 0)), 1, (7, 7)),     # 1×1, im2col
-    (1, ((1, 1), (1, 1)), 3, (20, 20)),   # convolution path with the explicit-transpose gradient
-    (2, ((1, 1), (1, 1)), 3, (40, 34)),   # strided convolution path
+    (1, ((1, 1), (1, 1)), 3, (9, 11)),
+    (2, ((0, 1), (0, 1)), 3, (9, 11)),    # the VAE encoder's asymmetric downsampler
+    (1, ((0, 0), (0, 0)), 1, (7, 7)),     # 1×1
+    (2, ((1, 1), (1, 1)), 3, (40, 34)),   # strided, symmetric padding
 ])
-def test_cpu_conv_paths_match_lax_conv(stride, padding, k, hw):
-    from jaxdrag.models.layers import IM2COL_MAX_PIXELS, _conv, conv2d
+@pytest.mark.parametrize("path", ["_conv_im2col", "_conv_explicit_transpose"])
+def test_cpu_conv_paths_match_lax_conv(path, stride, padding, k, hw):
+    from jaxdrag.models import layers
 
+    fn = getattr(layers, path)
     rs = np.random.RandomState(0)
     x = jnp.asarray(rs.randn(2, *hw, 5).astype(np.float32))
     w = jnp.asarray(rs.randn(k, k, 5, 7).astype(np.float32))
-    want = _conv(x, w, stride, padding)
-    got = conv2d(x, w, stride, padding)
+    want = layers._conv(x, w, stride, padding)
+    got = fn(x, w, stride, padding)
     assert got.shape == want.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.abs(want).max()))
-    if hw == (9, 11):
-        assert want.shape[1] * want.shape[2] <= IM2COL_MAX_PIXELS
 
-    def loss(fn):
-        return lambda x, w: jnp.sum(jnp.sin(fn(x, w, stride, padding)))
-    for a, b in zip(jax.grad(loss(conv2d), (0, 1))(x, w), jax.grad(loss(_conv), (0, 1))(x, w)):
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w, stride, padding)))
+    for a, b in zip(jax.grad(loss(fn), (0, 1))(x, w), jax.grad(loss(layers._conv), (0, 1))(x, w)):
         np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()))
+
+
+def test_cpu_conv_dispatch():
+    """im2col for small outputs of wide layers only (SD's 8×8 / 16×16 levels), the convolution
+    elsewhere; the public ``conv2d`` equals ``conv_general_dilated`` either way."""
+    from jaxdrag.models import layers
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU dispatch rule")
+    pad = ((1, 1), (1, 1))
+    cases = {(16, 16, 320): False, (17, 16, 320): True, (8, 8, 64): True, (32, 32, 640): True}
+    for (h, w_, c), uses_conv in cases.items():
+        x = jnp.asarray(np.random.RandomState(1).randn(1, h, w_, c).astype(np.float32))
+        w = jnp.asarray(np.random.RandomState(2).randn(3, 3, c, 8).astype(np.float32) * 0.05)
+        jaxpr = str(jax.make_jaxpr(lambda x, w: layers.conv2d(x, w, 1, pad))(x, w))
+        assert ("conv_general_dilated" in jaxpr) == uses_conv, (h, w_, c)
+        np.testing.assert_allclose(layers.conv2d(x, w, 1, pad), layers._conv(x, w, 1, pad), atol=2e-5)
 
 
 def test_conv_gradient_inside_a_loop_keeps_the_canonical_kernel_layout():

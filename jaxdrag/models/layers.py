@@ -101,11 +101,14 @@ def _conv_bwd(stride, padding, res, g):
 _conv_explicit_transpose.defvjp(_conv_fwd, _conv_bwd)
 
 
-# Output sizes (pixels per image) up to which CPU convolutions run as im2col + one matmul:
-# XLA:CPU's convolution reads its weights inefficiently when there are few output pixels and
-# many channels (SD's 8×8 and 16×16 levels with 1280-2560 channels run 3-7× slower than the
-# matmul form; benchmarks/RESULTS.md). Larger maps keep the convolution, which wins there.
+# CPU convolutions with at most IM2COL_MAX_PIXELS output pixels per image and at least
+# IM2COL_MIN_CHANNELS input channels run as im2col + one matmul: XLA:CPU's convolution reads its
+# weights inefficiently when there are few output pixels and many channels (SD's 8×8 and 16×16
+# levels with 1280-2560 channels run 3-7× slower than the matmul form; benchmarks/RESULTS.md).
+# Larger maps keep the convolution, which wins there; narrow layers gain nothing and would only
+# lengthen compilation (kh·kw slices per convolution).
 IM2COL_MAX_PIXELS = 256
+IM2COL_MIN_CHANNELS = 256
 
 
 def _conv_im2col(x: Array, w: Array, stride: int, padding) -> Array:
@@ -114,7 +117,7 @@ def _conv_im2col(x: Array, w: Array, stride: int, padding) -> Array:
     The patch features are ordered (kh, kw, c_in), so an HWIO kernel reshapes without a copy; its
     gradient is the matmul with the kernel transposed plus the adjoint of the patch gather."""
     kh, kw, cin, cout = w.shape
-    n, h, wd, _ = x.shape
+    _, h, wd, _ = x.shape
     (pt, pb), (pl, pr) = padding
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     oh = (h + pt + pb - kh) // stride + 1
@@ -128,8 +131,8 @@ def _conv_im2col(x: Array, w: Array, stride: int, padding) -> Array:
 def conv2d(x: Array, w: Array, stride: int, padding) -> Array:
     """NHWC × HWIO → NHWC convolution; ``padding`` is ((top, bottom), (left, right)) in pixels.
 
-    On CPU, small outputs (≤ ``IM2COL_MAX_PIXELS`` pixels) run as im2col + matmul and larger ones
-    as a convolution whose gradient swaps the kernel axes explicitly (see ``_conv_bwd``); both
+    On CPU, small outputs of wide layers (see ``IM2COL_MAX_PIXELS``) run as im2col + matmul and
+    the others as a convolution whose gradient swaps the kernel axes explicitly (see ``_conv_bwd``); both
     give the same values as the plain ``conv_general_dilated`` used elsewhere (up to fp32
     summation order)."""
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
@@ -138,7 +141,7 @@ def conv2d(x: Array, w: Array, stride: int, padding) -> Array:
         (pt, pb), (pl, pr) = padding
         oh = (x.shape[1] + pt + pb - w.shape[0]) // stride + 1
         ow = (x.shape[2] + pl + pr - w.shape[1]) // stride + 1
-        if oh * ow <= IM2COL_MAX_PIXELS:
+        if oh * ow <= IM2COL_MAX_PIXELS and x.shape[-1] >= IM2COL_MIN_CHANNELS:
             return _conv_im2col(x, w, stride, padding)
         return _conv_explicit_transpose(x, w, stride, padding)
     return _conv(x, w, stride, padding)
