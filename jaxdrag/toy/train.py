@@ -1,0 +1,264 @@
+"""Training of the toy models: pure jitted train steps (optax), orbax checkpoints so an
+interrupted run resumes exactly (the data of step k depend only on the stage seed and k).
+
+Stages (each resumable, run in this order by ``scripts/train_toy.py``):
+  vae   — KL autoencoder on random 64×64 crops of scenes (fully convolutional, so it runs on the
+          full 128×128 scenes afterwards): L1 + L2 reconstruction + a small KL term.
+  data  — the training scenes (seeds 0…N−1) encoded once: posterior means and standard deviations,
+          caption token ids; the VAE's scaling factor = 1 / std of the latent means (as SD's 0.18215).
+  unet  — ε-prediction on SD-1.5's scaled-linear 1000-step schedule, jointly with the CLIP text
+          tower (the caption conditions the image); captions dropped to "" 10 % of the time so
+          classifier-free guidance works.
+  clip  — a CLIP of the ViT-B/16 architecture, contrastive (symmetric InfoNCE, learned temperature)
+          on fresh scene/caption pairs, with CLIPDrag's differentiable preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..schedule import DDIM, add_noise
+from . import models as M
+from . import world
+
+Array = jax.Array
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Optimisation settings of one stage: AdamW with linear warm-up then cosine decay to
+    ``lr·final_frac``, global-norm clipping 1."""
+
+    steps: int
+    batch: int
+    lr: float
+    warmup: int = 100
+    final_frac: float = 0.1
+    weight_decay: float = 0.0
+    ckpt_every: int = 100
+    seed: int = 0
+
+    def optimizer(self) -> optax.GradientTransformation:
+        sched = optax.warmup_cosine_decay_schedule(0.0, self.lr, min(self.warmup, self.steps // 2),
+                                                   max(self.steps, 1), self.lr * self.final_frac)
+        return optax.chain(optax.clip_by_global_norm(1.0),
+                           optax.adamw(sched, b1=0.9, b2=0.999, weight_decay=self.weight_decay))
+
+
+# defaults sized for ≈ 1 h of a 2-core CPU in all (measured step times in weights/toy-sd15/README.md)
+VAE_STAGE = Stage(steps=1200, batch=16, lr=2e-3, seed=1)
+UNET_STAGE = Stage(steps=1800, batch=32, lr=1e-3, seed=2)
+CLIP_STAGE = Stage(steps=800, batch=96, lr=1e-3, weight_decay=0.01, seed=3)
+N_TRAIN_SCENES = 12000
+HELD_OUT_SEED = 1_000_000  # seeds ≥ this are never trained on (evaluation, ToyBench)
+CROP = 64
+KL_WEIGHT = 1e-4
+CAPTION_DROP = 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# the resumable loop
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def _unflat(like, flat: dict) -> Any:
+    leaves, treedef = jax.tree.flatten(like)
+    if len(flat) != len(leaves):
+        raise ValueError(f"checkpoint has {len(flat)} arrays, the model {len(leaves)}: "
+                         f"it was written for another architecture")
+    return jax.tree.unflatten(treedef, [jnp.asarray(flat[f"{i:05d}"]) for i in range(len(leaves))])
+
+
+def train(name: str, workdir: Path, params, loss_fn: Callable, batch_fn: Callable[[int], Any],
+          stage: Stage, log: Callable[[str], None] = print):
+    """Run ``stage.steps`` steps of ``loss_fn(params, batch, key) -> (loss, aux)``, resuming from
+    the newest orbax checkpoint under ``workdir/name``; returns (params, history) where history is
+    a list of (step, loss). ``batch_fn(step)`` must be deterministic in ``step``."""
+    import orbax.checkpoint as ocp
+
+    tx = stage.optimizer()
+    opt = tx.init(params)
+    mngr = ocp.CheckpointManager(Path(workdir).resolve() / name,
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    start, history = 0, []
+    latest = mngr.latest_step()
+    if latest is not None:
+        state = mngr.restore(latest, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_flat(params)), opt=ocp.args.StandardRestore(_flat(opt)),
+            meta=ocp.args.JsonRestore()))
+        params, opt = _unflat(params, state["params"]), _unflat(opt, state["opt"])
+        start, history = int(latest), [tuple(h) for h in state["meta"]["history"]]
+        log(f"[{name}] resumed at step {start}")
+    if start >= stage.steps:
+        return params, history
+
+    @jax.jit
+    def step_fn(params, opt, batch, key):
+        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss, aux
+
+    def save(k):
+        mngr.save(k, args=ocp.args.Composite(params=ocp.args.StandardSave(_flat(params)),
+                                             opt=ocp.args.StandardSave(_flat(opt)),
+                                             meta=ocp.args.JsonSave({"history": history})))
+
+    base = jax.random.PRNGKey(stage.seed)
+    t0, recent = time.perf_counter(), []
+    for k in range(start, stage.steps):
+        params, opt, loss, _ = step_fn(params, opt, batch_fn(k), jax.random.fold_in(base, k))
+        recent.append(float(loss))
+        if (k + 1) % 25 == 0 or k + 1 == stage.steps:
+            history.append((k + 1, float(np.mean(recent))))
+            dt = (time.perf_counter() - t0) / len(recent)
+            log(f"[{name}] step {k + 1}/{stage.steps} loss {np.mean(recent):.5f} ({dt:.2f} s/step)")
+            recent, t0 = [], time.perf_counter()
+        if (k + 1) % stage.ckpt_every == 0 or k + 1 == stage.steps:
+            save(k + 1)
+    mngr.wait_until_finished()
+    return params, history
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """uint8 → float32 in [-1, 1]."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def vae_batch(stage: Stage, k: int) -> np.ndarray:
+    """(B, CROP, CROP, 3) random crops of random training scenes, in [-1, 1]."""
+    rng = np.random.default_rng((stage.seed, k))
+    seeds = rng.integers(0, HELD_OUT_SEED, stage.batch)
+    imgs, _ = world.batch(seeds)
+    oy, ox = rng.integers(0, world.IMAGE_SIZE - CROP + 1, (2, stage.batch))
+    return to_unit(np.stack([im[y:y + CROP, x:x + CROP] for im, y, x in zip(imgs, oy, ox)]))
+
+
+def vae_loss(vae: M.Net):
+    def loss(params, x, key):
+        m = vae.module(params)
+        mean, logvar = m.encode(x)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        err = m.decode(z) - x
+        rec = jnp.mean(jnp.abs(err)) + jnp.mean(jnp.square(err))
+        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+        return rec + KL_WEIGHT * kl, kl
+    return loss
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR (dB) of uint8 (or 0–255 float) images (B, H, W, 3)."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2, axis=(1, 2, 3))
+    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+
+
+# ----------------------------------------------------------------------------------------------
+# encoded training data
+
+
+def encode_dataset(vae: M.Net, params, n: int, workdir: Path, log=print) -> dict:
+    """Encode training scenes 0…n−1 once (cached in ``workdir/latents.npz``): posterior means and
+    stds (unscaled), caption ids, and the scaling factor 1/std(means)."""
+    from ..tokenizer import Tokenizer
+
+    path = Path(workdir) / "latents.npz"
+    if path.exists():
+        d = dict(np.load(path))
+        if len(d["means"]) == n:
+            return d
+    enc = jax.jit(lambda p, x: vae.module(p).encode(x))
+    tok = Tokenizer()
+    means, stds, ids = [], [], []
+    for s in range(0, n, 64):
+        seeds = np.arange(s, min(n, s + 64))
+        imgs, caps = world.batch(seeds)
+        m, lv = enc(params, jnp.asarray(to_unit(imgs)))
+        means.append(np.asarray(m))
+        stds.append(np.asarray(jnp.exp(0.5 * lv)))
+        ids.append(tok.ids(caps))
+        if s % 1280 == 0:
+            log(f"[data] encoded {s + len(seeds)}/{n}")
+    d = {"means": np.concatenate(means), "stds": np.concatenate(stds), "ids": np.concatenate(ids),
+         "empty_ids": tok.ids([""])[0]}
+    d["scaling_factor"] = np.float32(1.0 / d["means"].std())
+    tmp = path.with_name("latents.tmp.npz")
+    np.savez(tmp, **d)
+    tmp.replace(path)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# UNet + text encoder
+
+
+def unet_batch(stage: Stage, data: dict, k: int) -> dict:
+    rng = np.random.default_rng((stage.seed, k))
+    idx = rng.integers(0, len(data["means"]), stage.batch)
+    ids = data["ids"][idx].copy()
+    drop = rng.random(stage.batch) < CAPTION_DROP
+    ids[drop] = data["empty_ids"]
+    return {"mean": data["means"][idx], "std": data["stds"][idx], "ids": ids}
+
+
+def unet_loss(unet: M.Net, text: M.Net, scaling_factor: float, sched: DDIM = DDIM()):
+    def loss(params, b, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        ctx = text.module(params["text"])(b["ids"])[0]
+        z0 = (b["mean"] + b["std"] * jax.random.normal(k1, b["mean"].shape)) * scaling_factor
+        t = jax.random.randint(k2, (z0.shape[0],), 0, sched.num_train_timesteps)
+        noise = jax.random.normal(k3, z0.shape)
+        eps = unet.module(params["unet"])(add_noise(sched, z0, noise, t), t, ctx)[0]
+        mse = jnp.mean(jnp.square(eps - noise))
+        return mse, mse
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP
+
+
+def clip_batch(stage: Stage, k: int, tok) -> dict:
+    rng = np.random.default_rng((stage.seed, k))
+    imgs, caps = world.batch(rng.integers(0, HELD_OUT_SEED, stage.batch))
+    return {"images": to_unit(imgs), "ids": tok.ids(caps)}
+
+
+def clip_loss(clip: M.Net):
+    from ..pipeline import clip_pixels
+
+    def loss(params, b, key):
+        m = clip.module(params["clip"])
+        ei = m.image_embeds(clip_pixels(jnp.asarray(b["images"]), m.vision_cfg.image_size))
+        et = m.text_embeds(b["ids"])
+        ei = ei / jnp.linalg.norm(ei, axis=-1, keepdims=True)
+        et = et / jnp.linalg.norm(et, axis=-1, keepdims=True)
+        logits = jnp.exp(jnp.minimum(params["logit_scale"], np.log(100.0))) * ei @ et.T
+        labels = jnp.arange(logits.shape[0])
+        ce = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                    + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+        acc = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+        return ce, acc
+    return loss
+
+
+def stage_dict(stage: Stage) -> dict:
+    return asdict(stage)
+
+
+def write_history(path: Path, history: dict) -> None:
+    path.write_text(json.dumps(history, indent=1) + "\n")
