@@ -1,4 +1,5 @@
-"""``jaxdrag`` command line: ``edit`` (one image), ``run`` (a DragBench / Drag100 folder), ``demo``.
+"""``jaxdrag`` command line: ``edit`` (one image), ``run`` (a DragBench / Drag100 folder), ``demo``,
+``toybench`` (drags with exact ground truth on the toy world).
 
 Every drag setting of the method presets has its own option (``--max-iters``, ``--latent-lr``,
 ``--r-m``, ``--fusion``, …), generated from ``jaxdrag.drag.methods``; ``--steps`` is an alias of
@@ -41,9 +42,10 @@ def _parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-def _add_drag_options(p: argparse.ArgumentParser) -> None:
+def _add_drag_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     g = p.add_argument_group("drag settings (default: the method preset)")
-    g.add_argument("--method", default="dragtext", choices=METHODS)
+    if method:
+        g.add_argument("--method", default="dragtext", choices=METHODS)
     fields = {f.name: f for f in dataclasses.fields(DragConfig)}
     for key in CONFIG_KEYS:
         typ = {"r_m": int, "r_p": int, "max_iters": int, "max_step": float, "ms_weight": float,
@@ -67,9 +69,9 @@ def _add_drag_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
-                   help="SD-1.5 diffusers folder or LDM .safetensors (default: the tiny built-in model)")
+                   help="SD-1.5 diffusers folder or LDM .safetensors (default: the trained toy model, weights/toy-sd15)")
     p.add_argument("--clip", type=Path, default=None,
-                   help="HF CLIP folder (ViT-B/16) for CLIPDrag methods (default with the tiny model: tiny CLIP)")
+                   help="HF CLIP folder (ViT-B/16) for CLIPDrag methods (default with the toy model: weights/toy-clip)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on GPU), float32, bfloat16")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
 
@@ -88,15 +90,29 @@ def _settings(args):
                         batch_size=getattr(args, "batch_size", 8))
 
 
+def default_models() -> tuple[Path, Path, str]:
+    """(SD folder, CLIP folder, kind): the trained toy model when present (it is committed in
+    ``weights/``), else the generated tiny random-weight model."""
+    from .tiny import ensure_tiny
+    from .toy import toy_paths
+
+    toy = toy_paths()
+    if toy is not None:
+        return toy[0], toy[1], "toy"
+    sd, clip = ensure_tiny()
+    return sd, clip, "tiny"
+
+
 def _load(args, need_clip: bool):
     from .pipeline import load_pipeline
-    from .tiny import ensure_tiny
 
     model, clip = args.model, args.clip
     if model is None:
-        model, tiny_clip = ensure_tiny()
-        clip = clip or tiny_clip
-        print(f"note: using the tiny random-weight model at {model}; pass --model for real edits", file=sys.stderr)
+        model, default_clip, kind = default_models()
+        clip = clip or default_clip
+        what = ("the toy model (trained on 128×128 toy scenes)" if kind == "toy"
+                else "the tiny random-weight model")
+        print(f"note: using {what} at {model}; pass --model for real edits", file=sys.stderr)
     if need_clip and clip is None:
         raise SystemExit(f"error: method {args.method!r} needs a CLIP model: pass --clip PATH "
                          f"(an HF openai/clip-vit-base-patch16 folder)")
@@ -237,23 +253,64 @@ def demo_example(size: int = 128):
 
 
 def cmd_demo(args) -> int:
-    from .data import EditRequest, write_result
+    from PIL import Image
+
+    from .data import EditRequest, side_by_side, write_result
     from .pipeline import edit_batch
 
     args.model, args.clip = None, None
+    _, _, kind = default_models()
     pipe = _load(args, args.method.startswith("clipdrag"))
-    img, pts, mask, prompt = demo_example(pipe.native_width)
-    req = EditRequest(image=img, points=pts, prompt=prompt, mask=mask, name="demo")
+    measured = None
+    if kind == "toy":
+        from .toy.bench import demo_task, measure
+
+        task = demo_task()
+        img, pts, mask, prompt = task.image, task.points, task.mask, task.prompt
+        edit_prompt = task.edit_prompt
+    else:
+        img, pts, mask, prompt = demo_example(pipe.native_width)
+        edit_prompt = None
+    req = EditRequest(image=img, points=pts, prompt=prompt, mask=mask, edit_prompt=edit_prompt, name="demo")
     t0 = time.perf_counter()
     res = edit_batch(pipe, [req], args.method, settings=_settings(args), progress=not args.quiet,
                      **_overrides(args))[0]
     write_result(res, args.out)
-    from PIL import Image
     Image.fromarray(img).save(Path(args.out) / "input.png")
-    print(json.dumps({"out": str(args.out), "files": ["input.png", "edited.png", "overlay.png", "report.json"],
-                      "iterations": res.iterations, "reached": res.reached,
-                      "final_handles": res.handles.round(1).tolist(),
-                      "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
+    Image.fromarray(side_by_side(img, res)).save(Path(args.out) / "side_by_side.png")
+    summary = {"out": str(args.out), "model": kind,
+               "files": ["input.png", "edited.png", "overlay.png", "side_by_side.png", "report.json"],
+               "prompt": prompt, "iterations": res.iterations, "reached": res.reached,
+               "final_handles": res.handles.round(1).tolist(), "wall_s": round(time.perf_counter() - t0, 1)}
+    if kind == "toy":
+        m = measure(task, res.image)
+        summary["measured"] = {k: (round(v, 2) if isinstance(v, float) else v)
+                               for k, v in m.items() if k in ("error", "rel_error", "iou", "survived", "bg_psnr")}
+        summary["measured"]["drag"] = [list(mv[1:]) for mv in task.moves]
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_toybench(args) -> int:
+    from .drag.methods import resolve
+    from .toy import runner
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"error: unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    overrides = _overrides(args)
+    for m in methods:
+        try:
+            resolve(m, **overrides)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    args.method = methods[0]
+    pipe = _load(args, any(resolve(m)[0].use_clip for m in methods))
+    rows = runner.run(pipe, methods, args.out, n_tasks=args.tasks, batch_size=args.batch_size,
+                      settings=_settings(args), overrides=overrides, progress=not args.quiet,
+                      log=lambda s: print(s, file=sys.stderr))
+    print((Path(args.out) / "toybench.md").read_text())
     return 0
 
 
@@ -286,7 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drag_options(r)
     r.set_defaults(fn=cmd_run)
 
-    d = sub.add_parser("demo", help="run the tiny built-in model on a built-in example")
+    t = sub.add_parser("toybench", help="drag tasks on held-out toy scenes with exact ground truth "
+                                        "(displacement error, IoU, survival, background PSNR)")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--methods", default="dragdiffusion,dragtext,clipdrag,clipdrag+dragtext",
+                   help="comma-separated methods")
+    t.add_argument("--tasks", type=int, default=50, help="number of tasks (deterministic, held-out seeds)")
+    t.add_argument("--batch-size", type=int, default=10, help="edits per vmapped batch")
+    t.add_argument("--quiet", action="store_true")
+    _add_model_options(t)
+    _add_drag_options(t, method=False)
+    t.set_defaults(fn=cmd_toybench)
+
+    d = sub.add_parser("demo", help="drag an object on a toy scene with the built-in toy model")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--dtype", default="auto")

@@ -147,6 +147,14 @@ class Pipeline:
     def __post_init__(self):
         self.stages = _Stages()
         self._jit: dict = {}
+        # per-image LoRAs reused by later edits of the same image, prompt, seed and LoRA settings
+        # (``enable_lora_cache``); None = off
+        self.lora_cache: dict | None = None
+
+    def enable_lora_cache(self, enabled: bool = True) -> None:
+        """Keep every trained LoRA (in memory) and reuse it when the same image is edited again
+        with the same prompt, seed and LoRA settings (e.g. by several methods, or in a UI)."""
+        self.lora_cache = {} if enabled else None
 
     # -------------------------------------------------------------- network functions (pure)
     @property
@@ -434,6 +442,14 @@ def _pad_points(arrs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]
     return out, mask
 
 
+def _lora_key(p, lora: LoRASettings) -> tuple:
+    """What determines an edit's LoRA: its training image, prompt, seed and the LoRA settings."""
+    import hashlib
+
+    digest = hashlib.sha1(np.ascontiguousarray(p.lora_image).tobytes()).hexdigest()
+    return (digest, p.lora_image.shape, p.request.prompt, int(p.request.seed), lora)
+
+
 def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig,
                hypers: list[dict], progress: bool) -> list:
     """Run one batch of prepared edits of a common working shape through every stage."""
@@ -469,8 +485,20 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         bar = tqdm(total=settings.lora.steps, desc=f"LoRA ×{b}", leave=False)
     keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
     lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
-    loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora,
-                               bar.update if bar else None)
+    cache_keys = [_lora_key(p, settings.lora) for p in group]
+    cache = pipe.lora_cache
+    if cache is not None and all(k in cache for k in cache_keys):
+        loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])
+        lora_losses = jnp.stack([cache[k][1] for k in cache_keys], axis=1)
+        timings["lora"] = 0.0
+        if bar:
+            bar.update(settings.lora.steps)
+    else:
+        loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora,
+                                   bar.update if bar else None)
+        if cache is not None:
+            for i, k in enumerate(cache_keys):
+                cache[k] = (jax.tree.map(lambda x: x[i], loras), lora_losses[:, i])
     if bar:
         bar.close()
     zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)

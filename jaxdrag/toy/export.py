@@ -17,10 +17,8 @@ import numpy as np
 
 from .. import weights
 from ..tokenizer import BUNDLED
+from . import CLIP_NAME, SD_NAME
 from . import models as M
-
-SD_NAME = "toy-sd15"
-CLIP_NAME = "toy-clip"
 STORE_DTYPE = np.float16
 
 
