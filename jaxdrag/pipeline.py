@@ -345,6 +345,36 @@ class Pipeline:
         fn = self._j(("denoise", strength, reference), jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0)))
         return self.stages("denoise", fn, self.sd.unet.params, loras, z_src, z_edit, c_src, c_edit)
 
+    def generate(self, prompts: Sequence[str], *, seed: int = 0, guidance_scale: float = 7.5,
+                 steps: int | None = None, negative_prompt: str = "",
+                 hw: tuple[int, int] | None = None) -> tuple[Array, Array]:
+        """Text-to-image sampling with DDIM (η = 0) and classifier-free guidance:
+        ε = ε_u + s·(ε_c − ε_u), the unconditional branch on ``negative_prompt``.
+        Returns (uint8 images (B, H, W, 3), final latents (B, h, w, 4)). ``hw`` defaults to the
+        model's native size; the initial noise is drawn from ``seed`` (one key per prompt)."""
+        sched = self.schedule if steps is None else replace(self.schedule, num_inference_steps=steps)
+        h, w = hw or (self.native_width, self.native_width)
+        b = len(prompts)
+        ids = self.tokenizer.ids(list(prompts) + [negative_prompt])
+        ctx = self.encode_text_ids(ids)
+        cond, uncond = ctx[:b], jnp.broadcast_to(ctx[b:], ctx[:b].shape)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(b))
+        z = jax.vmap(lambda k: jax.random.normal(k, (h // 8, w // 8, self.sd.unet.cfg.in_channels)))(keys)
+        ts = jnp.asarray(sched.timesteps, jnp.int32)
+        zero = jax.tree.map(lambda s_: jnp.zeros(s_.shape, jnp.float32), self.sd.unet.lora)
+
+        def run(params, z, cond, uncond, g):
+            def body(z, t):
+                zz = jnp.concatenate([z, z])
+                eps = self.unet_apply(params, zero, zz, t, jnp.concatenate([uncond, cond]))[0]
+                e_u, e_c = jnp.split(eps.astype(jnp.float32), 2)
+                return ddim_step(sched, z, e_u + g * (e_c - e_u), t), None
+            return jax.lax.scan(body, z, ts)[0]
+
+        fn = self._j(("generate", sched), run)
+        z = self.stages("generate", fn, self.sd.unet.params, z, cond, uncond, jnp.float32(guidance_scale))
+        return self.decode_to_uint8(z, (h, w)), z
+
     def decode_to_uint8(self, latents: Array, out_hw: tuple[int, int]) -> Array:
         """VAE decode → clamp to [0, 1] → bilinear resize to ``out_hw`` → uint8 (truncated)."""
         def fn(params, z):

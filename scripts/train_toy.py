@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     vae_stage = replace(T.VAE_STAGE, steps=args.vae_steps)
     vae = M.net(M.build_vae())
     t0 = time.perf_counter()
-    vae_params, hist = T.train("vae", work, M.init_params(M.build_vae(), 0), T.vae_loss(vae),
+    vae_params, hist = T.train("vae", work, T.vae_init(0), T.vae_loss(vae),
                                lambda k: T.vae_batch(vae_stage, k), vae_stage, log)
     if "vae" in stages:
         imgs, _ = world.batch(np.arange(T.HELD_OUT_SEED, T.HELD_OUT_SEED + 64))

@@ -19,8 +19,8 @@ One iteration (ALGORITHMS.md §2, §3.3, §4), for every edit that is still live
   2. tracking (not at k = 0): handles ← nearest neighbour of the templates in F_k;
   3. stop test: every valid pair within 2 px → the edit is done (no update);
   4. losses on that forward: motion supervision + background (local), DragText's text loss,
-     CLIPDrag's global loss; their gradients are VJPs of the same forward with several
-     cotangents (one batched backward);
+     CLIPDrag's global loss; their gradients are VJPs of the same forward, one per
+     cotangent;
   5. CLIPDrag: fuse the local and global latent gradients; Adam steps on z (and ĉ).
 Finished (or capped) edits are frozen by mask while the others continue.
 
@@ -201,8 +201,12 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
         gloss, (gz_global, geps_global) = jax.value_and_grad(global_loss, argnums=(0, 1))(st.z, eps)
         cotangents.append((geps_global, jnp.zeros_like(f_lat)))
         loss = loss + gloss
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *cotangents)
-    vz, vc = jax.vmap(vjp)(stacked)
+    # one pullback per cotangent (2–3 backward passes through the one forward). Not vmapped over
+    # the stacked cotangents: JAX's batching rule for cuDNN attention's backward fails on the JAX
+    # we pin (jax-ml/jax#38495), so a vmapped VJP would crash DragText and CLIPDrag on GPUs.
+    pulled = [vjp(ct) for ct in cotangents]
+    vz = [p[0] for p in pulled]
+    vc = [p[1] for p in pulled]
 
     g_local = gz_local + vz[0]
     stale = st.stale
