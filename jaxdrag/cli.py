@@ -21,6 +21,7 @@ import numpy as np
 
 from .drag.loop import DragConfig, DragHypers
 from .drag.methods import CONFIG_KEYS, HYPER_KEYS, METHODS
+from .errors import SettingsError
 
 
 def _enable_compile_cache(enabled: bool) -> None:
@@ -74,6 +75,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="HF CLIP folder (ViT-B/16) for CLIPDrag methods (default with the toy model: weights/toy-clip)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on GPU), float32, bfloat16")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
 def _overrides(args) -> dict:
@@ -81,6 +83,7 @@ def _overrides(args) -> dict:
 
 
 def _settings(args):
+    """The pipeline settings of the command line (validated: SettingsError names a bad one)."""
     from .pipeline import EditSettings, LoRASettings
 
     return EditSettings(method=args.method, width=args.width, inversion_strength=args.inversion_strength,
@@ -114,8 +117,8 @@ def _load(args, need_clip: bool):
                 else "the tiny random-weight model")
         print(f"note: using {what} at {model}; pass --model for real edits", file=sys.stderr)
     if need_clip and clip is None:
-        raise SystemExit(f"error: method {args.method!r} needs a CLIP model: pass --clip PATH "
-                         f"(an HF openai/clip-vit-base-patch16 folder)")
+        raise SettingsError(f"method {args.method!r} needs a CLIP model: pass --clip PATH "
+                            f"(an HF openai/clip-vit-base-patch16 folder)")
     t0 = time.perf_counter()
     pipe = load_pipeline(model, clip=clip if need_clip else None, dtype=args.dtype)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -123,12 +126,14 @@ def _load(args, need_clip: bool):
 
 
 def _parse_points(text: str) -> list[list[float]]:
+    from .data import RequestError
+
     pts = []
     for tok in text.replace(";", " ").split():
         try:
             x, y = (float(v) for v in tok.split(","))
         except ValueError:
-            raise SystemExit(f"error: point {tok!r} is not 'x,y'") from None
+            raise RequestError(f"--points: {tok!r} is not 'x,y'") from None
         pts.append([x, y])
     return pts
 
@@ -136,32 +141,38 @@ def _parse_points(text: str) -> list[list[float]]:
 def _read_image(path: Path) -> np.ndarray:
     from PIL import Image
 
+    from .data import RequestError
+
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read image {path}: {e}") from None
+        raise RequestError(f"{path}: cannot read image ({e})") from None
 
 
 def cmd_edit(args) -> int:
-    from .data import EditRequest, RequestError, write_result
+    from .data import EditRequest, validate, write_result
     from .drag.methods import resolve
     from .pipeline import edit_batch
 
+    # everything the user gave is checked before the model is loaded or anything compiled
+    cfg, _ = resolve(args.method, **_overrides(args))
+    settings = _settings(args)
     img = _read_image(args.image)
     mask = None
     if args.mask is not None:
         mask = _read_image(args.mask)[..., 0] > 0
-    cfg, _ = resolve(args.method, **_overrides(args))
+    req = validate(EditRequest(image=img, points=_parse_points(args.points), prompt=args.prompt, mask=mask,
+                               edit_prompt=args.edit_prompt, name=args.image.stem, seed=args.seed))
     pipe = _load(args, cfg.use_clip)
-    req = EditRequest(image=img, points=_parse_points(args.points), prompt=args.prompt, mask=mask,
-                      edit_prompt=args.edit_prompt, name=args.image.stem, seed=args.seed)
-    try:
-        res = edit_batch(pipe, [req], args.method, settings=_settings(args), progress=not args.quiet,
-                         **_overrides(args))[0]
-    except RequestError as e:
-        raise SystemExit(f"error: {e}") from None
+    res = edit_batch(pipe, [req], args.method, settings=settings, progress=not args.quiet,
+                     **_overrides(args))[0]
     write_result(res, args.out)
+    if res.failure is not None:
+        d = res.failure.get("diverged", {})
+        print(f"error: the edit diverged at iteration {d.get('iteration')} ({d.get('what')} became "
+              f"non-finite); no image written, report in {args.out / 'report.json'}", file=sys.stderr)
+        return 1
     print(json.dumps({"out": str(args.out), "iterations": res.iterations, "reached": res.reached,
                       "final_handles": res.handles.round(1).tolist(),
                       "timings_s": {k: round(v, 2) for k, v in res.timings.items()}}, indent=1))
@@ -171,14 +182,13 @@ def cmd_edit(args) -> int:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from .data import RequestError, find_samples, is_done, prepare, write_json, write_result
+    from .data import RequestError, find_samples, is_done, prepare, validate, write_json, write_result
     from .drag.methods import resolve
     from .pipeline import edit_batch
 
-    try:
-        samples = find_samples(args.dataset)
-    except RequestError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg, _ = resolve(args.method, **_overrides(args))
+    settings = _settings(args)
+    samples = find_samples(args.dataset)
     if args.only:
         samples = [s for s in samples if s.name in set(args.only)]
     if args.limit:
@@ -186,12 +196,20 @@ def cmd_run(args) -> int:
     out = Path(args.out)
     todo = [s for s in samples if not is_done(out / s.name)]
     print(f"{len(samples)} samples, {len(samples) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
-    cfg, _ = resolve(args.method, **_overrides(args))
     failures: dict[str, str] = {}
     done = len(samples) - len(todo)
-    if todo:
+    # read and check every sample before the model is loaded: bad ones are reported and skipped
+    loaded = []
+    for s in todo:
+        try:
+            req = s.load()
+            req.seed = args.seed
+            loaded.append((s, validate(req)))
+        except RequestError as e:
+            failures[s.name] = str(e)
+            print(f"skipped {s.name}: {e}", file=sys.stderr)
+    if loaded:
         pipe = _load(args, cfg.use_clip)
-        settings = _settings(args)
         width = pipe.native_width if settings.width is None else (settings.width or None)
         buckets: dict = {}
 
@@ -205,22 +223,21 @@ def cmd_run(args) -> int:
                     failures[s.name] = f"{type(e).__name__}: {e}"
                     traceback.print_exc(file=sys.stderr)
                 return 0
+            n_ok = 0
             for (s, _), res in zip(batch, results):
                 res.name = s.name
                 write_result(res, out / s.name)
-            return len(batch)
+                if res.failure is not None:
+                    d = res.failure.get("diverged", {})
+                    failures[s.name] = (f"diverged at iteration {d.get('iteration')} "
+                                        f"({d.get('what')} became non-finite)")
+                else:
+                    n_ok += 1
+            return n_ok
 
-        bar = tqdm(total=len(todo), desc="samples", disable=args.quiet)
-        for s in todo:
-            try:
-                req = s.load()
-                req.seed = args.seed
-                key = prepare(req, width, pipe.native_width).image.shape[:2]  # validates too
-            except RequestError as e:
-                failures[s.name] = str(e)
-                print(f"skipped {s.name}: {e}", file=sys.stderr)
-                bar.update(1)
-                continue
+        bar = tqdm(total=len(loaded), desc="samples", disable=args.quiet)
+        for s, req in loaded:
+            key = prepare(req, width, pipe.native_width).image.shape[:2]
             buckets.setdefault(key, []).append((s, req))
             if len(buckets[key]) >= settings.batch_size:
                 n = flush(key)
@@ -296,16 +313,14 @@ def cmd_toybench(args) -> int:
     from .toy import runner
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.method = methods[0] if methods else "dragdiffusion"
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise SystemExit(f"error: unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        raise SettingsError(f"--methods: unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     overrides = _overrides(args)
     for m in methods:
-        try:
-            resolve(m, **overrides)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    args.method = methods[0]
+        resolve(m, **overrides)
+    _settings(args)
     pipe = _load(args, any(resolve(m)[0].use_clip for m in methods))
     rows = runner.run(pipe, methods, args.out, n_tasks=args.tasks, batch_size=args.batch_size,
                       settings=_settings(args), overrides=overrides, progress=not args.quiet,
@@ -360,15 +375,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--dtype", default="auto")
     d.add_argument("--no-compile-cache", action="store_true")
+    d.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     _add_drag_options(d)
     d.set_defaults(fn=cmd_demo)
     return ap
 
 
 def main(argv=None) -> int:
+    """Run a sub-command. Bad input (a request, a setting, a weight file) prints one line
+    ``error: …`` and returns 2; any other failure prints ``error: …`` and returns 1; ``--debug``
+    shows the traceback instead."""
+    from .data import RequestError
+    from .weights import WeightsError
+
     args = build_parser().parse_args(argv)
-    _enable_compile_cache(not args.no_compile_cache)
-    return args.fn(args)
+    try:
+        _enable_compile_cache(not args.no_compile_cache)
+        return args.fn(args)
+    except (RequestError, SettingsError, WeightsError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into a message
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ class EditResult:
     as [x, y] input pixels; iterations = latent updates; reached = every handle within 2
     supervision px of its target; timings in seconds per stage (wall time of the stage for the
     whole batch the edit ran in, compile time reported apart); config: everything that
-    determined the result."""
+    determined the result; failure: why the edit failed (then ``image`` is None and no image is
+    written), e.g. ``{"diverged": {"iteration": k, "what": "latent"}}``."""
 
     name: str
     image: np.ndarray
@@ -67,58 +68,78 @@ class EditResult:
     losses: list[float]
     timings: dict[str, float]
     config: dict[str, Any]
+    failure: dict | None = None  # e.g. {"diverged": {"iteration": 3, "what": "latent"}}; image None then
+
+
+MAX_PAIRS = 64
 
 
 def validate(req: EditRequest) -> EditRequest:
     """Check a request; returns it with the image as uint8 RGB and the mask as a bool array.
     Raises RequestError naming the field, the point or the shapes at fault."""
+    name = req.name if isinstance(req.name, str) else repr(req.name)
     img = req.image
     if not isinstance(img, np.ndarray):
-        raise RequestError(f"{req.name}: image must be a numpy array, got {type(img).__name__}")
+        raise RequestError(f"{name}: image must be a numpy array, got {type(img).__name__}")
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     if img.ndim != 3 or img.shape[-1] not in (3, 4):
-        raise RequestError(f"{req.name}: image must be (H, W, 3) RGB, got shape {img.shape}")
+        raise RequestError(f"{name}: image must be (H, W, 3) RGB, got shape {img.shape}")
     img = img[..., :3]
     if img.dtype != np.uint8:
-        if np.issubdtype(img.dtype, np.floating) and img.min() >= 0 and img.max() <= 1:
-            img = (img * 255).astype(np.uint8)
-        else:
-            raise RequestError(f"{req.name}: image must be uint8 (or float in [0, 1]), got {img.dtype}")
+        ok = np.issubdtype(img.dtype, np.floating) and img.size and np.isfinite(img).all() \
+            and img.min() >= 0 and img.max() <= 1
+        if not ok:
+            raise RequestError(f"{name}: image must be uint8 (or finite float in [0, 1]), got {img.dtype}")
+        img = (img * 255).astype(np.uint8)
     h, w = img.shape[:2]
     if h < 16 or w < 16:
-        raise RequestError(f"{req.name}: image is {w}×{h}; at least 16×16 is needed")
+        raise RequestError(f"{name}: image is {w}×{h}; at least 16×16 is needed")
+    if isinstance(req.points, (str, bytes)) or not hasattr(req.points, "__len__"):
+        raise RequestError(f"{name}: points must be a list of [x, y] pairs, got {type(req.points).__name__}")
     pts = list(req.points)
     if len(pts) == 0:
-        raise RequestError(f"{req.name}: no points given (need handle, target pairs)")
+        raise RequestError(f"{name}: no points given (need handle, target pairs)")
     if len(pts) % 2:
-        raise RequestError(f"{req.name}: {len(pts)} points given; points alternate handle, target, "
+        raise RequestError(f"{name}: {len(pts)} points given; points alternate handle, target, "
                            f"so their count must be even")
+    if len(pts) > 2 * MAX_PAIRS:
+        raise RequestError(f"{name}: {len(pts) // 2} point pairs given; at most {MAX_PAIRS} are supported")
     for i, p in enumerate(pts):
         role = f"point {i} ({'handle' if i % 2 == 0 else 'target'} of pair {i // 2})"
         try:
-            x, y = float(p[0]), float(p[1])
-            if len(p) != 2:
+            if isinstance(p, (str, bytes)) or len(p) != 2:
                 raise ValueError
-        except (TypeError, ValueError, IndexError):
-            raise RequestError(f"{req.name}: {role} is {p!r}, expected [x, y]") from None
+            x, y = float(p[0]), float(p[1])
+        except (TypeError, ValueError, IndexError, OverflowError):
+            raise RequestError(f"{name}: {role} is {p!r}, expected [x, y]") from None
         if not (np.isfinite(x) and np.isfinite(y)):
-            raise RequestError(f"{req.name}: {role} is not finite: {p!r}")
+            raise RequestError(f"{name}: {role} is not finite: {p!r}")
         if not (0 <= x < w and 0 <= y < h):
-            raise RequestError(f"{req.name}: {role} at (x={x:g}, y={y:g}) is outside the {w}×{h} image")
+            raise RequestError(f"{name}: {role} at (x={x:g}, y={y:g}) is outside the {w}×{h} image")
     mask = req.mask
     if mask is not None:
-        mask = np.asarray(mask)
+        try:
+            mask = np.asarray(mask, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise RequestError(f"{name}: mask must be a numeric (H, W) array") from None
         if mask.ndim == 3:
             mask = mask[..., 0]
         if mask.shape != (h, w):
-            raise RequestError(f"{req.name}: mask shape {mask.shape} does not match the image "
-                               f"({h}, {w})")
+            raise RequestError(f"{name}: mask shape {mask.shape} does not match the image ({h}, {w})")
+        if not np.isfinite(mask).all():
+            raise RequestError(f"{name}: mask has non-finite values")
         mask = mask > 0
     if not isinstance(req.prompt, str):
-        raise RequestError(f"{req.name}: prompt must be a string")
+        raise RequestError(f"{name}: prompt must be a string, got {type(req.prompt).__name__}")
+    if req.edit_prompt is not None and not isinstance(req.edit_prompt, str):
+        raise RequestError(f"{name}: edit_prompt must be a string, got {type(req.edit_prompt).__name__}")
+    if not isinstance(req.hypers, dict):
+        raise RequestError(f"{name}: hypers must be a dict, got {type(req.hypers).__name__}")
+    if isinstance(req.seed, bool) or not isinstance(req.seed, (int, np.integer)) or not 0 <= req.seed < 2 ** 32:
+        raise RequestError(f"{name}: seed must be an integer in [0, 2^32), got {req.seed!r}")
     return EditRequest(image=img, points=[(float(p[0]), float(p[1])) for p in pts], prompt=req.prompt,
-                       mask=mask, edit_prompt=req.edit_prompt, name=req.name, hypers=dict(req.hypers),
+                       mask=mask, edit_prompt=req.edit_prompt, name=name, hypers=dict(req.hypers),
                        seed=int(req.seed))
 
 
@@ -262,8 +283,14 @@ class Sample:
                 raise RequestError(f"{self.folder / 'meta_data.pkl'}: expected a dict with prompt, "
                                    f"points and mask")
             img = _read_image(self.folder / "original_image.png")
-            return EditRequest(image=img, points=[list(p) for p in meta["points"]],
-                               prompt=str(meta["prompt"]), mask=np.asarray(meta["mask"]), name=self.name)
+            if not isinstance(meta["prompt"], str):
+                raise RequestError(f"{self.folder / 'meta_data.pkl'}: prompt must be a string, got "
+                                   f"{type(meta['prompt']).__name__}")
+            if not isinstance(meta["mask"], np.ndarray):
+                raise RequestError(f"{self.folder / 'meta_data.pkl'}: mask must be an array, got "
+                                   f"{type(meta['mask']).__name__}")
+            return EditRequest(image=img, points=meta["points"], prompt=meta["prompt"], mask=meta["mask"],
+                               name=self.name)
         if self.kind == "drag100":
             try:
                 pts = json.loads((self.folder / "points.json").read_text())["points"]
@@ -368,13 +395,18 @@ def report(result: EditResult) -> dict:
         "losses": [None if not np.isfinite(v) else round(float(v), 6) for v in result.losses],
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "config": result.config,
+        "failure": result.failure,
     }
 
 
 def write_result(result: EditResult, folder: Path) -> None:
     """edited.png, overlay.png, then report.json — each written atomically; the report is written
-    last, so its presence marks the result complete."""
+    last, so its presence (with the image) marks the result complete. A failed result writes its
+    report only (no image), so a resumed run tries it again."""
     folder = Path(folder)
+    if result.failure is not None:
+        _atomic_write(folder / "report.json", json.dumps(report(result), indent=1).encode())
+        return
     _atomic_write(folder / "edited.png", _png(result.image))
     ov = overlay(result.image, result.initial_handles, result.handles, result.targets, result.trajectory)
     _atomic_write(folder / "overlay.png", _png(ov))

@@ -97,6 +97,16 @@ class LoRASettings:
     chunk: int = 10  # steps per compiled call (progress granularity)
     remat: bool = False  # rematerialise UNet blocks in the backward (memory for many edits at once)
 
+    def __post_init__(self):
+        from .errors import check_number
+
+        object.__setattr__(self, "steps", check_number("lora_steps", self.steps, nonnegative=True, integer=True))
+        object.__setattr__(self, "lr", check_number("lora_lr", self.lr, positive=True))
+        object.__setattr__(self, "batch", check_number("lora_batch", self.batch, positive=True, integer=True))
+        object.__setattr__(self, "weight_decay", check_number("lora_weight_decay", self.weight_decay,
+                                                              nonnegative=True))
+        object.__setattr__(self, "chunk", check_number("lora_chunk", self.chunk, positive=True, integer=True))
+
 
 class _Stages:
     """Ahead-of-time compiled stage functions, cached per (jitted function, input shapes/dtypes).
@@ -462,6 +472,22 @@ class EditSettings:
     clip_double_unit_map: bool = False
     batch_size: int = 8
 
+    def __post_init__(self):
+        from .errors import SettingsError, check_number
+
+        s = check_number("inversion_strength", self.inversion_strength, low=0.0, high=1.0, low_open=True)
+        if round(s * 50) < 1:
+            raise SettingsError(f"setting inversion_strength = {s!r}: must give at least one of the 50 DDIM "
+                                f"steps (≥ 0.01)")
+        object.__setattr__(self, "inversion_strength", s)
+        if self.width is not None:
+            w = check_number("width", self.width, nonnegative=True, integer=True)
+            if 0 < w < 16:
+                raise SettingsError(f"setting width = {w}: must be 0 (keep the input size) or ≥ 16")
+            object.__setattr__(self, "width", w)
+        object.__setattr__(self, "batch_size", check_number("batch_size", self.batch_size, positive=True,
+                                                            integer=True))
+
 
 def _pad_points(arrs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
     out = np.zeros((len(arrs), n, 2), np.float32)
@@ -569,7 +595,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     results = []
     for i, p in enumerate(group):
         img = out[i]
-        if img.shape[:2] != p.in_hw:
+        if img.shape[:2] != p.in_hw and np.isfinite(np.asarray(z_edit[i])).all():
             img = np.asarray(Image.fromarray(img).resize((p.in_hw[1], p.in_hw[0]), Image.BILINEAR))
         k = len(p.handles)
         n_traj = int(st.it[i]) + int(st.done[i])
@@ -585,8 +611,17 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
             "dtype": jnp.dtype(pipe.policy.compute).name, "batch_size": b,
             "lora_final_loss": float(np.asarray(lora_losses)[-1, i]) if len(lora_losses) else None,
         }
+        failure = None
+        if bool(st.failed[i]):
+            from .drag import FAILURES
+
+            failure = {"diverged": {"iteration": int(st.fail_it[i]), "what": FAILURES[int(st.fail_what[i])]}}
+            img = None
+        elif not np.isfinite(np.asarray(z_edit[i])).all():
+            failure = {"diverged": {"iteration": int(st.it[i]), "what": "denoise"}}
+            img = None
         results.append(io.EditResult(
-            name=p.request.name, image=img,
+            name=p.request.name, image=img, failure=failure,
             handles=p.to_pixels(st.handles[i, :k]), targets=p.to_pixels(p.targets),
             initial_handles=p.to_pixels(p.handles), trajectory=p.to_pixels(st.traj[i, :max(n_traj, 1), :k]),
             iterations=int(st.it[i]), reached=bool(st.done[i]),
@@ -610,7 +645,8 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
     e.g. ``max_iters=40``, ``latent_lr=0.02``); a request's own ``hypers`` override the
     continuous ones for that edit. Raises RequestError naming the first bad request."""
     from . import data as io
-    from .drag.methods import HYPER_KEYS, resolve
+    from .drag.methods import HYPER_KEYS, check_hypers, resolve
+    from .errors import SettingsError
 
     settings = replace(settings or EditSettings(), method=method)
     cfg, hyp = resolve(method, **overrides)
@@ -620,9 +656,17 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
     width = native if settings.width is None else (settings.width or None)
     prepared = []
     for r in requests:
+        if not isinstance(r, io.EditRequest):
+            raise io.RequestError(f"request {len(prepared)}: expected an EditRequest, got {type(r).__name__}")
+        if not isinstance(r.hypers, dict):
+            raise io.RequestError(f"{r.name}: hypers must be a dict of hyperparameters, got {type(r.hypers).__name__}")
         bad = [k for k in r.hypers if k not in HYPER_KEYS]
         if bad:
             raise io.RequestError(f"{r.name}: unknown hyperparameter(s) {bad}; valid: {', '.join(HYPER_KEYS)}")
+        try:
+            check_hypers(r.hypers)
+        except SettingsError as e:
+            raise io.RequestError(f"{r.name}: {e}") from None
         prepared.append(io.prepare(r, width, native))
     groups: dict = {}
     for i, p in enumerate(prepared):

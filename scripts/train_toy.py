@@ -30,10 +30,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "jaxdrag" / "toy-train")
     ap.add_argument("--out", type=Path, default=None, help="weights folder (default: the repository's weights/)")
-    ap.add_argument("--stages", default="vae,data,unet,clip,export")
+    ap.add_argument("--stages", default="vae,data,unet,clip,vae_decoder,export")
     ap.add_argument("--vae-steps", type=int, default=T.VAE_STAGE.steps)
     ap.add_argument("--unet-steps", type=int, default=T.UNET_STAGE.steps)
     ap.add_argument("--clip-steps", type=int, default=T.CLIP_STAGE.steps)
+    ap.add_argument("--vae-decoder-steps", type=int, default=T.VAE_DECODER_STAGE.steps)
     ap.add_argument("--scenes", type=int, default=T.N_TRAIN_SCENES, help="training scenes encoded for the UNet")
     args = ap.parse_args(argv)
     stages = set(args.stages.split(","))
@@ -101,10 +102,27 @@ def main(argv=None) -> int:
     if "clip" in stages:
         note("clip", {"stage": T.stage_dict(clip_stage), "history": hist, "wall_s": time.perf_counter() - t0})
 
+    # ---- VAE decoder fine-tune (encoder and latent space fixed)
+    dec_stage = replace(T.VAE_DECODER_STAGE, steps=args.vae_decoder_steps)
+    t0 = time.perf_counter()
+    vae_params, hist = T.train("vae_decoder", work, vae_params, T.vae_decoder_loss(vae),
+                               lambda k: T.vae_batch(dec_stage, k), dec_stage, log, trainable=T.is_decoder)
+    if "vae_decoder" in stages:
+        imgs, _ = world.batch(np.arange(T.HELD_OUT_SEED, T.HELD_OUT_SEED + 64))
+        rec = jax.jit(lambda p, x: vae.module(p).decode(vae.module(p).encode(x)[0]))(
+            vae_params, jnp.asarray(T.to_unit(imgs)))
+        rec = np.asarray(jnp.clip((rec + 1) * 127.5, 0, 255).round()).astype(np.uint8)
+        ps = T.psnr(rec, imgs)
+        log(f"[vae_decoder] held-out PSNR mean {ps.mean():.2f} dB, min {ps.min():.2f} dB")
+        note("vae_decoder", {"stage": T.stage_dict(dec_stage), "history": hist,
+                             "heldout_psnr_mean": float(ps.mean()), "heldout_psnr_min": float(ps.min()),
+                             "wall_s": time.perf_counter() - t0})
+
     # ---- export
     if "export" in stages:
         info = {"world": "jaxdrag.toy.world", "scaling_factor": sf,
-                "steps": {"vae": vae_stage.steps, "unet": unet_stage.steps, "clip": clip_stage.steps}}
+                "steps": {"vae": vae_stage.steps, "unet": unet_stage.steps, "clip": clip_stage.steps,
+                          "vae_decoder": dec_stage.steps}}
         p = export.write_sd(out, vae_params, ut["unet"], ut["text"], sf, info)
         log(f"wrote {p}")
         p = export.write_clip(out, cp["clip"], float(cp["logit_scale"]), info)

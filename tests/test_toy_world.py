@@ -168,3 +168,16 @@ def test_export_round_trip_loads_unchanged(tmp_path):
     ref_lat = M.net(M.build_vae()).module(vae).encode(img)[0] * 1.5
     assert float(jnp.abs(pipe.vae_encode(img) - ref_lat).max()) < 2e-2 * max(1.0, float(jnp.abs(ref_lat).max()))
     assert pipe.clip_image_embeds(img).shape == (1, M.CLIP_PROJ)
+
+
+def test_training_can_freeze_parameters(tmp_path):
+    """``trainable`` restricts the updates (the VAE decoder fine-tune keeps the encoder fixed)."""
+    import jax.numpy as jnp
+
+    from jaxdrag.toy.train import Stage, is_decoder, train
+
+    p0 = {"decoder": {"w": jnp.ones(3)}, "encoder": {"w": jnp.ones(3)}}
+    out, _ = train("f", tmp_path, p0, lambda p, b, k: (jnp.sum(p["decoder"]["w"] ** 2 + p["encoder"]["w"] ** 2),) * 2,
+                   lambda k: None, Stage(steps=5, batch=1, lr=0.1), log=lambda s: None, trainable=is_decoder)
+    assert np.all(np.asarray(out["encoder"]["w"]) == 1.0) and np.all(np.asarray(out["decoder"]["w"]) < 1.0)
+    assert is_decoder(("post_quant_conv", "kernel")) and not is_decoder(("quant_conv", "kernel"))

@@ -22,7 +22,9 @@ One iteration (ALGORITHMS.md §2, §3.3, §4), for every edit that is still live
      CLIPDrag's global loss; their gradients are VJPs of the same forward, one per
      cotangent;
   5. CLIPDrag: fuse the local and global latent gradients; Adam steps on z (and ĉ).
-Finished (or capped) edits are frozen by mask while the others continue.
+Finished (or capped) edits are frozen by mask while the others continue. An edit whose forward,
+loss, latent or text embedding becomes non-finite is frozen too and flagged (``failed``,
+``fail_it``, ``fail_what``), so one diverging learning rate in a sweep spoils nothing else.
 
 DragText gradients (§3.3): the latent gets ∇_z L with L = L_ms + L_bg; the text embedding gets
 ∇_ĉ(L + L_text), L_text = L_ms + n_active·λ_t·reg, as the reference computes them. The reference
@@ -134,6 +136,12 @@ class DragState(NamedTuple):
     traj: Array          # (max_iters + 1, N, 2) handles after tracking at each iteration
     losses: Array        # (max_iters,) total loss at each update (NaN where none)
     stale: Array         # (h, w, 4) ∇_z L_ms of the previous iteration (stale_latent_grad only)
+    failed: Array        # () bool the edit diverged (frozen, reported; the batch goes on)
+    fail_it: Array       # () int32 the iteration at which it diverged
+    fail_what: Array     # () int32 what became non-finite: index into FAILURES
+
+
+FAILURES = ("forward", "loss", "latent", "text")
 
 
 _ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
@@ -155,7 +163,8 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Ar
         ref=jnp.zeros(ref_shape, jnp.float32), opt_z=_ADAM.init(z0), opt_c=_ADAM.init(c0),
         handles=handles0, it=jnp.int32(0), done=jnp.bool_(False),
         traj=jnp.zeros((cfg.max_iters + 1, n, 2), jnp.float32).at[0].set(handles0),
-        losses=jnp.full((cfg.max_iters,), jnp.nan, jnp.float32), stale=jnp.zeros_like(z0))
+        losses=jnp.full((cfg.max_iters,), jnp.nan, jnp.float32), stale=jnp.zeros_like(z0),
+        failed=jnp.bool_(False), fail_it=jnp.int32(0), fail_what=jnp.int32(0))
     return inputs, state
 
 
@@ -166,6 +175,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     t = inp.t_star
     (eps, f_lat), vjp = jax.vjp(lambda z, c: nets.features(shared, edit, z, c, t), st.z, st.c)
     f = upsample_features(f_lat, cfg.sup_hw)
+    fwd_ok = jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(f_lat))
 
     first = st.it == 0  # z = z*, ĉ = c: this forward is the reference's F0 / Φ(z*) forward
     eps0 = jnp.where(first, jax.lax.stop_gradient(eps), st.eps0)
@@ -174,7 +184,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     if cfg.ms_reference == "initial":
         ref_p = jnp.where(first, reference_patches(f, inp.handles0, cfg.r_m), st.ref)
     tracked = track(f, tmpl, st.handles, inp.targets, inp.mask, r=cfg.r_p, fast=cfg.tracking == "fast")
-    handles = jnp.where(st.it > 0, tracked, st.handles)
+    handles = jnp.where((st.it > 0) & fwd_ok, tracked, st.handles)
     dist = jnp.linalg.norm(inp.targets - handles, axis=-1)
     active = inp.mask & (dist >= STOP_DISTANCE)
     reached = ~jnp.any(active)
@@ -230,8 +240,13 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     else:
         opt_c, c_new = st.opt_c, st.c
 
-    live = ~st.done & (st.it < cfg.max_iters)
-    update = live & ~reached
+    live = ~st.done & ~st.failed & (st.it < cfg.max_iters)
+    # divergence: a non-finite forward, loss, latent or text embedding freezes the edit
+    checks = jnp.stack([fwd_ok, jnp.isfinite(loss), jnp.all(jnp.isfinite(z_new)),
+                        jnp.all(jnp.isfinite(c_new))])
+    fail_now = live & ~jnp.all(checks) & ~(reached & fwd_ok)
+    update = live & ~reached & ~fail_now
+    live = live & ~fail_now
 
     def pick(new, old, cond):
         return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
@@ -245,7 +260,9 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
         done=st.done | (live & reached),
         traj=jnp.where(live, st.traj.at[st.it].set(handles), st.traj),
         losses=jnp.where(update, st.losses.at[st.it].set(loss), st.losses),
-        stale=pick(stale, st.stale, update))
+        stale=pick(stale, st.stale, update),
+        failed=st.failed | fail_now, fail_it=jnp.where(fail_now, st.it, st.fail_it),
+        fail_what=jnp.where(fail_now, jnp.argmin(checks).astype(jnp.int32), st.fail_what))
 
 
 def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs: DragInputs, state: DragState,
@@ -257,7 +274,7 @@ def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs: DragInputs, 
     batched = jax.vmap(lambda e, i, s: step(nets, cfg, shared, e, i, s))
 
     def cond(st):
-        return jnp.any(~st.done & (st.it < cfg.max_iters))
+        return jnp.any(~st.done & ~st.failed & (st.it < cfg.max_iters))
 
     def body(st):
         new = batched(edits, inputs, st)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..errors import SettingsError, check_number
 from .loop import DragConfig, DragHypers
 
 _PRESETS: dict[str, tuple[dict, dict]] = {
@@ -47,22 +48,52 @@ CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(DragConfig) if f.name not
 HYPER_KEYS = DragHypers._fields
 
 
+# valid ranges of the continuous hyperparameters: learning rates > 0, weights ≥ 0
+_HYPER_RANGES = {"latent_lr": "positive", "text_lr": "positive", "lam": "nonnegative",
+                 "text_lam": "nonnegative", "fuse_weight": "nonnegative", "clip_coef": "nonnegative"}
+
+
+def check_hypers(hypers: dict, where: str = "") -> dict[str, float]:
+    """Every hyperparameter finite and in its range (learning rates > 0, weights ≥ 0); returns
+    them as floats. Raises SettingsError naming the setting (prefixed by ``where``)."""
+    out = {}
+    for k, v in hypers.items():
+        if k not in _HYPER_RANGES:
+            raise SettingsError(f"{where}unknown hyperparameter {k!r}; valid: {', '.join(HYPER_KEYS)}")
+        try:
+            out[k] = check_number(k, v, **{_HYPER_RANGES[k]: True})
+        except SettingsError as e:
+            raise SettingsError(f"{where}{e}") from None
+    return out
+
+
 def resolve(method: str, **overrides: Any) -> tuple[DragConfig, dict[str, float]]:
-    """(DragConfig without sup_hw, hyperparameter dict) for ``method`` with ``overrides``."""
-    key = method.lower()
+    """(DragConfig without sup_hw, hyperparameter dict) for ``method`` with ``overrides``.
+    Raises SettingsError for an unknown method or setting, or a value out of range."""
+    key = method.lower() if isinstance(method, str) else method
     if key not in _PRESETS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise SettingsError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     cfg_kw, hyp = dict(_PRESETS[key][0]), dict(DragHypers.make()._asdict())
     hyp = {k: float(v) for k, v in hyp.items()}
     hyp.update(_PRESETS[key][1])
     unknown = [k for k in overrides if k not in CONFIG_KEYS and k not in HYPER_KEYS]
     if unknown:
-        raise ValueError(f"unknown drag setting(s) {unknown}; valid: {', '.join(CONFIG_KEYS + HYPER_KEYS)}")
+        raise SettingsError(f"unknown drag setting(s) {unknown}; valid: {', '.join(CONFIG_KEYS + HYPER_KEYS)}")
     for k, v in overrides.items():
         if v is None:
             continue
         if k in HYPER_KEYS:
-            hyp[k] = float(v)
+            hyp[k] = v
         else:
             cfg_kw[k] = v
-    return DragConfig(**cfg_kw), hyp
+    hyp = check_hypers(hyp)
+    for k in ("r_m", "r_p"):
+        cfg_kw[k] = check_number(k, cfg_kw[k], nonnegative=True, integer=True)
+    cfg_kw["max_iters"] = check_number("max_iters", cfg_kw["max_iters"], positive=True, integer=True)
+    cfg_kw["max_step"] = check_number("max_step", cfg_kw["max_step"], positive=True)
+    if cfg_kw.get("ms_weight") is not None:
+        cfg_kw["ms_weight"] = check_number("ms_weight", cfg_kw["ms_weight"], positive=True)
+    try:
+        return DragConfig(**cfg_kw), hyp
+    except (ValueError, TypeError) as e:
+        raise SettingsError(str(e)) from None

@@ -83,9 +83,10 @@ def clip_retrieval(pipe, n: int = 64, first_seed: int = QUALITY_SEED) -> dict:
             "text_to_image": float(np.mean(sim.argmax(0) == idx))}
 
 
-def evaluate(pipe, n_samples: int = 50, guidance_scale: float = 4.0) -> dict:
+def evaluate(pipe, n_samples: int = 50, guidance_scale: float = 4.0) -> tuple[dict, list[dict], np.ndarray]:
+    """(summary, per-sample checks, sample images)."""
     ps = vae_psnr(pipe)
-    checks, _ = samples(pipe, n_samples, guidance_scale)
+    checks, images = samples(pipe, n_samples, guidance_scale)
     out = {"vae_psnr_mean": float(ps.mean()), "vae_psnr_min": float(ps.min()), "vae_scenes": len(ps),
            "samples": len(checks), "guidance_scale": guidance_scale,
            "objects_found": float(np.mean([c["objects_found"] for c in checks])),
@@ -93,4 +94,4 @@ def evaluate(pipe, n_samples: int = 50, guidance_scale: float = 4.0) -> dict:
            "extra_colours": float(np.mean([bool(c["extra_colours"]) for c in checks]))}
     if pipe.clip is not None:
         out["clip_retrieval"] = clip_retrieval(pipe)
-    return out
+    return out, checks, images

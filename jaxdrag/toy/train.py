@@ -69,6 +69,13 @@ CAPTION_DROP = 0.1
 # the resumable loop
 
 
+def _key(k) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return k
+
+
 def _flat(tree) -> dict[str, np.ndarray]:
     return {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
 
@@ -82,13 +89,18 @@ def _unflat(like, flat: dict) -> Any:
 
 
 def train(name: str, workdir: Path, params, loss_fn: Callable, batch_fn: Callable[[int], Any],
-          stage: Stage, log: Callable[[str], None] = print):
+          stage: Stage, log: Callable[[str], None] = print, trainable: Callable[[tuple], bool] | None = None):
     """Run ``stage.steps`` steps of ``loss_fn(params, batch, key) -> (loss, aux)``, resuming from
     the newest orbax checkpoint under ``workdir/name``; returns (params, history) where history is
-    a list of (step, loss). ``batch_fn(step)`` must be deterministic in ``step``."""
+    a list of (step, loss). ``batch_fn(step)`` must be deterministic in ``step``.
+    ``trainable(path)`` (optional) selects the parameters to update; the others stay fixed."""
     import orbax.checkpoint as ocp
 
     tx = stage.optimizer()
+    if trainable is not None:
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if trainable(tuple(_key(k) for k in path)) else "fixed", params)
+        tx = optax.multi_transform({"train": tx, "fixed": optax.set_to_zero()}, labels)
     opt = tx.init(params)
     mngr = ocp.CheckpointManager(Path(workdir).resolve() / name,
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -186,6 +198,28 @@ def vae_loss(vae: M.Net):
         rec = jnp.mean(jnp.abs(err)) + jnp.mean(jnp.square(err))
         kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
         return rec + KL_WEIGHT * kl, kl
+    return loss
+
+
+VAE_DECODER_STAGE = Stage(steps=500, batch=16, lr=3e-4, warmup=20, seed=4)
+
+
+def is_decoder(path: tuple) -> bool:
+    """The decoder's parameters (``decoder.*``, ``post_quant_conv.*``): fine-tuned alone after the
+    UNet has been trained on the encoder's latents (as SD's ``sd-vae-ft-mse``), so the latent
+    space the UNet learnt stays exactly the same."""
+    return bool(path) and str(path[0]) in ("decoder", "post_quant_conv")
+
+
+def vae_decoder_loss(vae: M.Net):
+    """Reconstruction only (the encoder, hence the posterior, is fixed)."""
+    def loss(params, x, key):
+        m = vae.module(params)
+        mean, logvar = m.encode(x)
+        z = jax.lax.stop_gradient(mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape))
+        err = m.decode(z) - x
+        rec = jnp.mean(jnp.abs(err)) + jnp.mean(jnp.square(err))
+        return rec, rec
     return loss
 
 
