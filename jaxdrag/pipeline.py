@@ -108,6 +108,13 @@ class LoRASettings:
         object.__setattr__(self, "chunk", check_number("lora_chunk", self.chunk, positive=True, integer=True))
 
 
+_CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmax",
+                  "__cudnn$fmhaScaleBiasSoftmaxBackward", "__cudnn$fmhaSoftmaxDropout",
+                  "__cudnn$fmhaSoftmaxDropoutBackward", "__cudnn$fmhaScaleBiasSoftmaxDropout",
+                  "__cudnn$fmhaScaleBiasSoftmaxDropoutBackward", "__cudnn$fmhaSoftmaxF8",
+                  "__cudnn$fmhaSoftmaxBackwardF8")
+
+
 class _Stages:
     """Ahead-of-time compiled stage functions, cached per (jitted function, input shapes/dtypes).
 
@@ -117,8 +124,36 @@ class _Stages:
     def __init__(self):
         self._cache: dict = {}
         self.last_compile_s: dict[str, float] = {}
+        # export mode: build every stage for another platform with ``jax.export`` instead of
+        # running it (outputs are zeros of the right shapes, so a whole edit can be walked through)
+        self.export_platform: str | None = None
+        self.exported: dict[str, list] = {}
+
+    def export_for(self, platform: str | None) -> None:
+        """``platform`` ("cuda", "tpu", …): from now on export stages for it instead of running
+        them (``self.exported[stage]`` collects the ``jax.export.Exported`` objects); None: run.
+        JAX's in-memory trace caches are cleared on every switch: a jitted function traced for
+        one platform (say with cuDNN attention) must not be reused for another."""
+        if platform != self.export_platform:
+            jax.clear_caches()
+            self._cache.clear()
+        self.export_platform = platform
+        self.exported = {}
+
+    def _export(self, name: str, fn, *args):
+        from .precision import target_platform
+
+        # cuDNN's fused attention has no serialization guarantee; the program is for inspection
+        # and building, not for storing, so allow it
+        checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _CUDNN_TARGETS]
+        with target_platform(self.export_platform):
+            exp = jax.export.export(fn, platforms=[self.export_platform], disabled_checks=checks)(*args)
+        self.exported.setdefault(name, []).append(exp)
+        return jax.tree.unflatten(exp.out_tree, [jnp.zeros(a.shape, a.dtype) for a in exp.out_avals])
 
     def __call__(self, name: str, fn, *args):
+        if self.export_platform is not None:
+            return self._export(name, fn, *args)
         leaves, tree = jax.tree.flatten(args)
         key = (name, fn, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
         exe = self._cache.get(key)
@@ -237,7 +272,7 @@ class Pipeline:
     def clip_text_embeds(self, prompts: Sequence[str]) -> Array:
         self._need_clip()
         ids = jnp.asarray(self.clip_tokenizer.ids(list(prompts)))
-        return self._j("clip_txt", self.clip_text_apply)(self.clip.params, ids)
+        return self.stages("clip_text", self._j("clip_txt", self.clip_text_apply), self.clip.params, ids)
 
     # -------------------------------------------------------------- editing stages (batched)
     def lora_template(self):

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +33,33 @@ class Policy:
     attention: str = "auto"
 
 
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxdrag_target_platform", default=None)
+_PLATFORM_NAMES = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu", "cpu": "cpu"}
+
+
+def platform() -> str:
+    """The platform programs are being built for: "cpu", "gpu" or "tpu". The backend JAX runs on,
+    unless ``target_platform`` says otherwise (building a GPU/TPU program on a CPU machine, e.g.
+    with ``jax.export``). Kernel choices (cuDNN attention, CPU convolution paths) follow it."""
+    return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_platform(name: str | None):
+    """Trace programs for ``name`` ("cuda", "rocm", "gpu", "tpu", "cpu"; None: the backend)."""
+    if name is not None and name not in _PLATFORM_NAMES:
+        raise ValueError(f"unknown platform {name!r}; choose one of {sorted(_PLATFORM_NAMES)}")
+    token = _TARGET.set(_PLATFORM_NAMES[name] if name is not None else None)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
 def resolve_dtype(dtype: Any = "auto") -> Any:
     """"auto" → bfloat16 on GPU/TPU, float32 on CPU; names and jnp dtypes pass through."""
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if platform() == "cpu" else jnp.bfloat16
     if isinstance(dtype, str):
         try:
             return _DTYPES[dtype.lower()]

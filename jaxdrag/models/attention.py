@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..precision import platform
 from .layers import GroupNorm, Identity, Linear
 
 Array = jax.Array
@@ -109,16 +110,20 @@ BLOCK = 128
 BLOCKED_MIN_TOKENS = 1024
 
 
-def cudnn_applies(q: Array, impl: str) -> bool:
-    """Whether the cuDNN fused kernel is used for these inputs under ``impl``."""
+def cudnn_applies(q: Array, impl: str, kv_len: int | None = None) -> bool:
+    """Whether the cuDNN fused kernel is used for these inputs under ``impl``: a GPU, 16-bit
+    inputs, a head dim ≤ 256 that is a multiple of 8, and even query and key lengths (JAX's cuDNN
+    wrapper rejects odd lengths when the attention is differentiated, e.g. cross-attention over
+    SD's 77 text tokens in the LoRA and drag steps; those run on XLA's kernel)."""
     if impl == "xla":
         return False
+    kv_len = q.shape[1] if kv_len is None else kv_len
     ok = (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
-          and jax.default_backend() == "gpu")
+          and q.shape[1] % 2 == 0 and kv_len % 2 == 0 and platform() == "gpu")
     if impl == "cudnn" and not ok:
-        raise ValueError(f"cuDNN attention needs a GPU, 16-bit inputs and a head dim ≤ 256 that is a "
-                         f"multiple of 8; got dtype {q.dtype}, head dim {q.shape[-1]} on "
-                         f"{jax.default_backend()}")
+        raise ValueError(f"cuDNN attention needs a GPU, 16-bit inputs, a head dim ≤ 256 that is a "
+                         f"multiple of 8 and even sequence lengths; got dtype {q.dtype}, head dim "
+                         f"{q.shape[-1]}, lengths {q.shape[1]}/{kv_len} on {platform()}")
     return ok
 
 
@@ -127,10 +132,10 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, impl: str =
 
     GPU with 16-bit inputs: cuDNN's fused kernel. CPU, long non-causal sequences (T ≥ 1024, a
     multiple of 128): ``blocked_attention``. Otherwise XLA's einsum-softmax-einsum."""
-    if cudnn_applies(q, impl):
+    if cudnn_applies(q, impl, k.shape[1]):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     t = q.shape[1]
-    if (impl == "auto" and not causal and jax.default_backend() == "cpu" and t >= BLOCKED_MIN_TOKENS
+    if (impl == "auto" and not causal and platform() == "cpu" and t >= BLOCKED_MIN_TOKENS
             and t % BLOCK == 0):
         return blocked_attention(q, k, v, BLOCK)
     return _xla_attention(q, k, v, causal)

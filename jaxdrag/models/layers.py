@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..precision import platform
+
 Array = jax.Array
 
 
@@ -137,7 +139,7 @@ def conv2d(x: Array, w: Array, stride: int, padding) -> Array:
     summation order)."""
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
     stride = int(stride)
-    if jax.default_backend() == "cpu":
+    if platform() == "cpu":
         (pt, pb), (pl, pr) = padding
         oh = (x.shape[1] + pt + pb - w.shape[0]) // stride + 1
         ow = (x.shape[2] + pl + pr - w.shape[1]) // stride + 1
