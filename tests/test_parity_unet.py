@@ -163,3 +163,19 @@ def test_remat_changes_nothing_numerically(tmp_path):
     assert abs(float(a[0]) - float(b[0])) < 1e-6
     for ga, gb in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
         np.testing.assert_allclose(ga, gb, atol=1e-6 * max(1.0, float(jnp.abs(ga).max())))
+
+
+def test_reference_attention_layers_by_up_block():
+    """MasaCtrl's layers 10–15 of SD-1.5 are the self-attentions of up_blocks[2] and [3] (6 blocks);
+    narrower configs take the same two decoder levels (not the last six blocks wherever they are)."""
+    from flax import nnx
+
+    from jaxdrag.models.unet import SD15_UNET, UNet2DConditionModel
+    from jaxdrag.tiny import TINY_UNET
+    from jaxdrag.toy.models import UNET as TOY_UNET
+
+    for cfg, n_ref in ((SD15_UNET, 6), (TINY_UNET, 4), (TOY_UNET, 4)):
+        m = nnx.eval_shape(lambda c=cfg: UNet2DConditionModel(c))
+        starts = m.reference_starts
+        assert starts[:2] == (1 << 30, 1 << 30) and starts[2:] == (0, 0)
+        assert sum(len(b.attentions) for b in list(m.up_blocks)[2:]) == n_ref

@@ -9,9 +9,9 @@ returns ``(eps, taps)``: eps (B, h, w, C_out) float32 and taps = {"mid": mid-blo
 supervision uses ``taps["up"][2]`` (640 channels at latent resolution for SD-1.5).
 
 ``remat=True`` rematerialises every resnet and transformer block in the backward pass.
-``reference_attention=True`` makes the self-attention (attn1) of the last ``reference_layers``
-decoder transformer blocks attend to batch row 0's keys/values (MasaCtrl, ALGORITHMS.md §1.5;
-6 blocks for SD-1.5, i.e. up_blocks[2] and up_blocks[3]). ``mid_override`` replaces the mid-block
+``reference_attention=True`` makes the self-attention (attn1) of every transformer block of the
+last ``reference_up_blocks`` (2) up blocks attend to batch row 0's keys/values (MasaCtrl,
+ALGORITHMS.md §1.5: for SD-1.5 up_blocks[2] and up_blocks[3], its layers 10–15). ``mid_override`` replaces the mid-block
 output (the mid block is still computed), as DragNoise does.
 
 Parameter paths mirror diffusers' module names (``down_blocks.0.attentions.1.transformer_blocks.0
@@ -63,9 +63,10 @@ class UNetConfig:
     mid_block_scale_factor: float = 1.0
     downsample_padding: int = 1
     sample_size: int = 64
-    # how many of the last decoder transformer blocks use reference attention (MasaCtrl layers
-    # 10..15 of SD-1.5's 16 blocks)
-    reference_layers: int = 6
+    # reference (mutual self-) attention in the self-attentions of the last `reference_up_blocks`
+    # up blocks: for SD-1.5/2.x up_blocks[2] and [3], i.e. MasaCtrl's layers 10..15 of 16 — the
+    # decoder's two highest-resolution levels, also for narrower configs
+    reference_up_blocks: int = 2
 
     _SUPPORTED_DEFAULTS = {
         "act_fn": "silu", "center_input_sample": False, "class_embed_type": None,
@@ -414,17 +415,13 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, c0, eps=cfg.norm_eps, dtype=jnp.float32)
         self.conv_out = Conv2d(c0, cfg.out_channels, 3, padding=1, dtype=jnp.float32)
         self.dtype = dtype
-        # static: where reference attention starts in each up block, counting the last
-        # `reference_layers` transformer blocks of the decoder in forward order
-        if cfg.reference_layers and any(n != 1 for n in cfg.transformer_layers_per_block):
+        # static: where reference attention starts in each up block: every attention of the last
+        # `reference_up_blocks` up blocks (the decoder's highest-resolution levels), none before
+        if cfg.reference_up_blocks and any(n != 1 for n in cfg.transformer_layers_per_block):
             raise ValueError("reference attention needs one transformer layer per attention block")
-        per_block = [len(b.attentions) if b.attentions is not None else 0 for b in ups]
-        remaining, starts = cfg.reference_layers, [0] * len(ups)
-        for i in reversed(range(len(ups))):
-            take = min(remaining, per_block[i])
-            starts[i] = per_block[i] - take
-            remaining -= take
-        self.reference_starts = tuple(starts)
+        n_up = len(ups)
+        self.reference_starts = tuple(0 if i >= n_up - cfg.reference_up_blocks else 1 << 30
+                                      for i in range(n_up))
 
     def __call__(self, x: Array, t: Array, context: Array, *, reference_attention: bool = False,
                  mid_override: Array | None = None, remat: bool = False):

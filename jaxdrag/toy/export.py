@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import weights
 from ..tokenizer import BUNDLED
-from . import CLIP_NAME, SD_NAME
+from . import CLIP_NAME, SD_NAME, world
 from . import models as M
 STORE_DTYPE = np.float16
 
@@ -52,6 +52,7 @@ def write_sd(root: Path, vae_params, unet_params, text_params, scaling_factor: f
         weights.save_safetensors(weights.export(params), tmp / name / f"{stem}.safetensors", STORE_DTYPE)
         _json(tmp / name / "config.json", cfg)
     shutil.copytree(BUNDLED, tmp / "tokenizer")
+    (tmp / "WORLD.md").write_text(world.world_markdown())
     _json(tmp / "scheduler" / "scheduler_config.json", {
         "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
         "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
