@@ -143,11 +143,19 @@ class _Stages:
     def _export(self, name: str, fn, *args):
         from .precision import target_platform
 
+        leaves, tree = jax.tree.flatten(args)
+        key = ("export", self.export_platform, name, fn, tree,
+               tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        exp = self._cache.get(key)
+        if exp is not None:  # the same program was built already (e.g. LoRA for another method)
+            return jax.tree.unflatten(exp.out_tree, [jnp.zeros(a.shape, a.dtype) for a in exp.out_avals])
+
         # cuDNN's fused attention has no serialization guarantee; the program is for inspection
         # and building, not for storing, so allow it
         checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _CUDNN_TARGETS]
         with target_platform(self.export_platform):
             exp = jax.export.export(fn, platforms=[self.export_platform], disabled_checks=checks)(*args)
+        self._cache[key] = exp
         self.exported.setdefault(name, []).append(exp)
         return jax.tree.unflatten(exp.out_tree, [jnp.zeros(a.shape, a.dtype) for a in exp.out_avals])
 

@@ -126,8 +126,10 @@ def test_readme_demo_command(tmp_path):
     proc = subprocess.run(f"{exe} demo", shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
-    for f in ("input.png", "edited.png", "overlay.png", "report.json"):
+    for f in ("input.png", "edited.png", "overlay.png", "side_by_side.png", "report.json"):
         assert (tmp_path / "demo_out" / f).exists()
     assert out["iterations"] >= 0
+    if out["model"] == "toy":  # the committed trained model: the measured edit is reported
+        assert out["measured"]["drag"] == [[28, 0]] and "error" in out["measured"]
     rep = json.loads((tmp_path / "demo_out" / "report.json").read_text())
     assert rep["config"]["lora"]["steps"] == 80 and rep["config"]["method"] == "dragtext"

@@ -138,16 +138,17 @@ def test_diverging_learning_rate_is_reported_and_the_batch_goes_on(tiny_pipe, tm
             EditRequest(image=img, points=[[40, 30], [60, 35]], prompt="a", name="bad",
                         hypers={"latent_lr": 1e38}),
             EditRequest(image=img, points=[[80, 60], [70, 50]], prompt="b", name="good1")]
-    res = jaxdrag.edit_batch(tiny_pipe, reqs, "dragdiffusion", settings=FAST, max_iters=4)
+    # dragtext, 4 iterations, batches of 3 and 1 at 96×128: the programs test_pipeline compiles
+    res = jaxdrag.edit_batch(tiny_pipe, reqs, "dragtext", settings=FAST, max_iters=4)
     good0, bad, good1 = res
     assert good0.failure is None and good1.failure is None
     assert good0.image.shape == img.shape and good1.image.shape == img.shape
     d = bad.failure["diverged"]
     assert bad.image is None and d["what"] in ("forward", "loss", "latent") and 0 <= d["iteration"] <= 3
-    # the good edits equal the same edits without the bad one in their batch (up to the rounding
-    # of a batch-3 vs a batch-2 program: identical handles, images within one grey level)
-    alone = jaxdrag.edit_batch(tiny_pipe, [reqs[0], reqs[2]], "dragdiffusion", settings=FAST, max_iters=4)
-    for a, b in ((alone[0], good0), (alone[1], good1)):
+    # the good edits equal the same edits run alone (up to the rounding of a batch-3 vs a batch-1
+    # program: identical handles, images within one grey level)
+    for r, b in ((reqs[0], good0), (reqs[2], good1)):
+        a = jaxdrag.edit_batch(tiny_pipe, [r], "dragtext", settings=FAST, max_iters=4)[0]
         np.testing.assert_array_equal(a.handles, b.handles)
         assert a.iterations == b.iterations
         assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
@@ -160,7 +161,7 @@ def test_diverging_learning_rate_is_reported_and_the_batch_goes_on(tiny_pipe, tm
 def test_edit_command_exits_1_on_divergence(png, tiny_models, tmp_path, capsys):
     sd, clip = tiny_models
     rc = main(["edit", str(png), "--points", "40,30 60,35", "--out", str(tmp_path / "o"), "--quiet",
-               "--model", str(sd), "--method", "dragdiffusion", "--lora-steps", "4", "--max-iters", "4",
+               "--model", str(sd), "--lora-steps", "4", "--max-iters", "4",
                "--latent-lr", "1e38", "--no-compile-cache"])
     err = capsys.readouterr().err
     assert rc == 1 and "error: the edit diverged at iteration" in err and "no image written" in err
@@ -196,7 +197,7 @@ def test_run_skips_random_malformed_pickles(tiny_models, tmp_path, capsys):
     Image.fromarray(img).save(data / "cat" / "truncated" / "original_image.png")
     (data / "cat" / "truncated" / "meta_data.pkl").write_bytes(pickle.dumps(metas["good"])[:20])
     rc = main(["run", str(data), "--out", str(tmp_path / "out"), "--model", str(sd), "--lora-steps", "4",
-               "--max-iters", "4", "--quiet", "--no-compile-cache", "--method", "dragdiffusion"])
+               "--max-iters", "4", "--quiet", "--no-compile-cache"])
     assert rc == 1  # some samples failed
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["done"] == 1 and summary["total"] == 10

@@ -11,6 +11,7 @@ from jaxdrag.cli import main
 from jaxdrag.toy import bench, runner
 
 FAST = EditSettings(lora=LoRASettings(steps=4))
+ITERS = 3  # all tests here share this and FAST, so the compiled programs are shared
 
 
 def test_runner_writes_resumes_and_shares_loras(tiny_pipe, tmp_path):
@@ -18,7 +19,7 @@ def test_runner_writes_resumes_and_shares_loras(tiny_pipe, tmp_path):
     tasks = bench.make_tasks(3)
     logs = []
     rows = runner.run(tiny_pipe, ["dragdiffusion", "dragtext"], tmp_path, tasks=tasks, batch_size=2,
-                      settings=FAST, overrides={"max_iters": 3}, progress=False, log=logs.append)
+                      settings=FAST, overrides={"max_iters": ITERS}, progress=False, log=logs.append)
     assert set(rows) == {"dragdiffusion", "dragtext"} and rows["dragtext"]["tasks"] == 3
     for m in ("dragdiffusion", "dragtext"):
         for t in tasks:
@@ -37,7 +38,7 @@ def test_runner_writes_resumes_and_shares_loras(tiny_pipe, tmp_path):
     # resume: nothing left to run, same table
     logs.clear()
     again = runner.run(tiny_pipe, ["dragdiffusion", "dragtext"], tmp_path, tasks=tasks, batch_size=2,
-                       settings=FAST, overrides={"max_iters": 3}, progress=False, log=logs.append)
+                       settings=FAST, overrides={"max_iters": ITERS}, progress=False, log=logs.append)
     assert any("3 done, 0 to run" in s for s in logs)
     assert again["dragtext"]["median_error_px"] == rows["dragtext"]["median_error_px"]
     tiny_pipe.lora_cache = None
@@ -46,12 +47,10 @@ def test_runner_writes_resumes_and_shares_loras(tiny_pipe, tmp_path):
 def test_lora_cache_reuses_and_reproduces(tiny_pipe):
     img = bench.make_tasks(1)[0].image
     tiny_pipe.enable_lora_cache()
-    a = jaxdrag.edit(tiny_pipe, img, [(30, 30), (40, 30)], "a scene", settings=FAST, max_iters=3,
-                     method="dragdiffusion")
-    b = jaxdrag.edit(tiny_pipe, img, [(30, 30), (40, 30)], "a scene", settings=FAST, max_iters=3,
-                     method="dragdiffusion")
-    c = jaxdrag.edit(tiny_pipe, img, [(30, 30), (40, 30)], "another prompt", settings=FAST, max_iters=3,
-                     method="dragdiffusion")
+    kw = dict(settings=FAST, max_iters=ITERS, method="dragdiffusion")
+    a = jaxdrag.edit(tiny_pipe, img, [(30, 30), (40, 30)], "a scene", **kw)
+    b = jaxdrag.edit(tiny_pipe, img, [(30, 30), (40, 30)], "a scene", **kw)
+    c = jaxdrag.edit(tiny_pipe, img, [(30, 30), (40, 30)], "another prompt", **kw)
     tiny_pipe.lora_cache = None
     assert b.timings["lora"] == 0.0 and c.timings["lora"] > 0
     np.testing.assert_array_equal(a.image, b.image)
