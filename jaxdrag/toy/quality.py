@@ -73,8 +73,8 @@ def clip_retrieval(pipe, n: int = 64, first_seed: int = QUALITY_SEED) -> dict:
     from .train import to_unit
 
     imgs, caps = world.batch(np.arange(first_seed, first_seed + n))
-    ei = np.asarray(pipe.clip_image_embeds(to_unit(imgs)))
-    et = np.asarray(pipe.clip_text_embeds(caps))
+    ei = np.array(pipe.clip_image_embeds(to_unit(imgs)))
+    et = np.array(pipe.clip_text_embeds(caps))
     ei /= np.linalg.norm(ei, axis=-1, keepdims=True)
     et /= np.linalg.norm(et, axis=-1, keepdims=True)
     sim = ei @ et.T
