@@ -59,15 +59,18 @@ def main(argv=None) -> int:
     # ---- VAE
     vae_stage = replace(T.VAE_STAGE, steps=args.vae_steps)
     vae = M.net(M.build_vae())
+
+    def heldout_psnr(params) -> np.ndarray:
+        """PSNR (dB) of reconstructions (posterior mean) of 64 held-out scenes."""
+        imgs, _ = world.batch(np.arange(T.HELD_OUT_SEED, T.HELD_OUT_SEED + 64))
+        rec = jax.jit(lambda p, x: vae.module(p).decode(vae.module(p).encode(x)[0]))(
+            params, jnp.asarray(T.to_unit(imgs)))
+        return T.psnr(np.asarray(jnp.clip((rec + 1) * 127.5, 0, 255).round()).astype(np.uint8), imgs)
     t0 = time.perf_counter()
     vae_params, hist = T.train("vae", work, T.vae_init(0), T.vae_loss(vae),
                                lambda k: T.vae_batch(vae_stage, k), vae_stage, log)
     if "vae" in stages:
-        imgs, _ = world.batch(np.arange(T.HELD_OUT_SEED, T.HELD_OUT_SEED + 64))
-        rec = jax.jit(lambda p, x: vae.module(p).decode(vae.module(p).encode(x)[0]))(
-            vae_params, jnp.asarray(T.to_unit(imgs)))
-        rec = np.asarray(jnp.clip((rec + 1) * 127.5, 0, 255).round()).astype(np.uint8)
-        ps = T.psnr(rec, imgs)
+        ps = heldout_psnr(vae_params)
         log(f"[vae] held-out PSNR mean {ps.mean():.2f} dB, min {ps.min():.2f} dB")
         note("vae", {"stage": T.stage_dict(vae_stage), "history": hist, "heldout_psnr_mean": float(ps.mean()),
                      "heldout_psnr_min": float(ps.min()), "wall_s": time.perf_counter() - t0})
@@ -108,11 +111,7 @@ def main(argv=None) -> int:
     vae_params, hist = T.train("vae_decoder", work, vae_params, T.vae_decoder_loss(vae),
                                lambda k: T.vae_batch(dec_stage, k), dec_stage, log, trainable=T.is_decoder)
     if "vae_decoder" in stages:
-        imgs, _ = world.batch(np.arange(T.HELD_OUT_SEED, T.HELD_OUT_SEED + 64))
-        rec = jax.jit(lambda p, x: vae.module(p).decode(vae.module(p).encode(x)[0]))(
-            vae_params, jnp.asarray(T.to_unit(imgs)))
-        rec = np.asarray(jnp.clip((rec + 1) * 127.5, 0, 255).round()).astype(np.uint8)
-        ps = T.psnr(rec, imgs)
+        ps = heldout_psnr(vae_params)
         log(f"[vae_decoder] held-out PSNR mean {ps.mean():.2f} dB, min {ps.min():.2f} dB")
         note("vae_decoder", {"stage": T.stage_dict(dec_stage), "history": hist,
                              "heldout_psnr_mean": float(ps.mean()), "heldout_psnr_min": float(ps.min()),
