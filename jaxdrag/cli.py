@@ -25,14 +25,9 @@ from .errors import SettingsError
 
 
 def _enable_compile_cache(enabled: bool) -> None:
+    """``--no-compile-cache`` turns off the library's persistent XLA cache for this process."""
     if not enabled:
-        return
-    import jax
-
-    d = Path(os.environ.get("JAXDRAG_CACHE_DIR", Path.home() / ".cache" / "jaxdrag" / "xla"))
-    d.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(d))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        os.environ["JAXDRAG_COMPILE_CACHE"] = "0"
 
 
 def _parse_bool(v: str) -> bool:
@@ -64,6 +59,10 @@ def _add_drag_options(p: argparse.ArgumentParser, method: bool = True) -> None:
                    help="working width (default: the model's native width, 512 for SD-1.5; 0 keeps the input size)")
     p.add_argument("--no-reference-attention", action="store_true",
                    help="denoise without mutual self-attention")
+    p.add_argument("--remat", choices=("off", "blocks", "dots"), default="off",
+                   help="rematerialise UNet activations in the backward passes of LoRA training and the drag "
+                        "step (memory for large batches): blocks = keep block inputs only, dots = keep "
+                        "matmul/conv/attention outputs")
     p.add_argument("--clip-double-unit-map", action="store_true",
                    help="reproduce CLIPDrag's double [0,1] mapping of the CLIP input (reference quirk)")
 
@@ -87,7 +86,9 @@ def _settings(args):
     from .pipeline import EditSettings, LoRASettings
 
     return EditSettings(method=args.method, width=args.width, inversion_strength=args.inversion_strength,
-                        lora=LoRASettings(steps=args.lora_steps, lr=args.lora_lr, batch=args.lora_batch),
+                        lora=LoRASettings(steps=args.lora_steps, lr=args.lora_lr, batch=args.lora_batch,
+                                          remat=args.remat),
+                        remat=args.remat,
                         reference_attention=not args.no_reference_attention,
                         clip_double_unit_map=args.clip_double_unit_map,
                         batch_size=getattr(args, "batch_size", 8))
@@ -182,10 +183,11 @@ def cmd_edit(args) -> int:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from .data import RequestError, find_samples, is_done, prepare, validate, write_json, write_result
+    from .data import RequestError, find_samples, is_done, validate, write_json, write_result
     from .drag.methods import resolve
     from .pipeline import edit_batch
 
+    t_start = time.perf_counter()
     cfg, _ = resolve(args.method, **_overrides(args))
     settings = _settings(args)
     samples = find_samples(args.dataset)
@@ -208,23 +210,16 @@ def cmd_run(args) -> int:
         except RequestError as e:
             failures[s.name] = str(e)
             print(f"skipped {s.name}: {e}", file=sys.stderr)
-    if loaded:
-        pipe = _load(args, cfg.use_clip)
-        width = pipe.native_width if settings.width is None else (settings.width or None)
-        buckets: dict = {}
+    stats: dict = {}
+    pipe = None
+    try:
+        if loaded:
+            pipe = _load(args, cfg.use_clip)
+            bar = tqdm(total=len(loaded), desc="samples", disable=args.quiet)
 
-        def flush(key):
-            batch = buckets.pop(key)
-            try:
-                results = edit_batch(pipe, [r for _, r in batch], args.method, settings=settings,
-                                     progress=not args.quiet, **_overrides(args))
-            except Exception as e:  # a failing batch is reported, the run goes on
-                for s, _ in batch:
-                    failures[s.name] = f"{type(e).__name__}: {e}"
-                    traceback.print_exc(file=sys.stderr)
-                return 0
-            n_ok = 0
-            for (s, _), res in zip(batch, results):
+            def on_result(i, res):  # written as each batch finishes: an interrupted run loses nothing
+                nonlocal done
+                s = loaded[i][0]
                 res.name = s.name
                 write_result(res, out / s.name)
                 if res.failure is not None:
@@ -232,25 +227,26 @@ def cmd_run(args) -> int:
                     failures[s.name] = (f"diverged at iteration {d.get('iteration')} "
                                         f"({d.get('what')} became non-finite)")
                 else:
-                    n_ok += 1
-            return n_ok
+                    done += 1
+                bar.update(1)
 
-        bar = tqdm(total=len(loaded), desc="samples", disable=args.quiet)
-        for s, req in loaded:
-            key = prepare(req, width, pipe.native_width).image.shape[:2]
-            buckets.setdefault(key, []).append((s, req))
-            if len(buckets[key]) >= settings.batch_size:
-                n = flush(key)
-                done += n
-                bar.update(settings.batch_size)
-        for key in list(buckets):
-            n = len(buckets[key])
-            done += flush(key)
-            bar.update(n)
-        bar.close()
-    summary = {"dataset": str(args.dataset), "method": args.method, "total": len(samples), "done": done,
-               "failed": failures}
-    write_json(out / "summary.json", summary)
+            def on_error(indices, e):  # a failing batch is reported, the run goes on
+                traceback.print_exception(e, file=sys.stderr)
+                for i in indices:
+                    failures[loaded[i][0].name] = f"{type(e).__name__}: {e}"
+                bar.update(len(indices))
+
+            edit_batch(pipe, [r for _, r in loaded], args.method, settings=settings, progress=not args.quiet,
+                       on_result=on_result, on_error=on_error, **_overrides(args))
+            bar.close()
+    finally:  # a summary even when the run is interrupted or a batch crashes the process
+        if pipe is not None:
+            stats["compile"] = {"programs": sum(pipe.stages.compiles.values()),
+                                "seconds": round(sum(pipe.stages.compile_s.values()), 1),
+                                "per_stage": dict(pipe.stages.compiles)}
+        summary = {"dataset": str(args.dataset), "method": args.method, "total": len(samples), "done": done,
+                   "failed": failures, **stats, "wall_s": round(time.perf_counter() - t_start, 1)}
+        write_json(out / "summary.json", summary)
     print(json.dumps({"done": done, "failed": len(failures), "summary": str(out / "summary.json")}))
     return 0 if not failures else 1
 
@@ -278,7 +274,6 @@ def cmd_demo(args) -> int:
     args.model, args.clip = None, None
     _, _, kind = default_models()
     pipe = _load(args, args.method.startswith("clipdrag"))
-    measured = None
     if kind == "toy":
         from .toy.bench import demo_task, measure
 
@@ -318,12 +313,11 @@ def cmd_toybench(args) -> int:
     if bad:
         raise SettingsError(f"--methods: unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     overrides = _overrides(args)
-    for m in methods:
-        resolve(m, **overrides)
-    _settings(args)
-    pipe = _load(args, any(resolve(m)[0].use_clip for m in methods))
+    cfgs = [resolve(m, **overrides)[0] for m in methods]  # every setting checked before loading
+    settings = _settings(args)
+    pipe = _load(args, any(c.use_clip for c in cfgs))
     rows = runner.run(pipe, methods, args.out, n_tasks=args.tasks, batch_size=args.batch_size,
-                      settings=_settings(args), overrides=overrides, progress=not args.quiet,
+                      settings=settings, overrides=overrides, progress=not args.quiet,
                       log=lambda s: print(s, file=sys.stderr))
     print((Path(args.out) / "toybench.md").read_text())
     return 0

@@ -16,7 +16,7 @@ def check_number(name: str, value, *, positive: bool = False, nonnegative: bool 
     def bad(why):
         return SettingsError(f"setting {name} = {value!r}: must be {why}")
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+    if isinstance(value, (bool, str, bytes)):
         raise bad("a number")
     try:
         v = float(value)

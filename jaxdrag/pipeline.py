@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import weights
 from .drag import DragConfig, DragHypers, DragNetworks, make_runner
-from .models.lora import init_lora
+from .models.lora import init_lora, zeros_lora
 from .precision import Policy, policy_for
 from .schedule import DDIM, add_noise, ddim_step, inversion_step
 from .tokenizer import Tokenizer
@@ -95,7 +95,9 @@ class LoRASettings:
     batch: int = 4
     weight_decay: float = 1e-2
     chunk: int = 10  # steps per compiled call (progress granularity)
-    remat: bool = False  # rematerialise UNet blocks in the backward (memory for many edits at once)
+    # rematerialisation in the backward (memory for many edits at once): "off" | "blocks" |
+    # "dots" (keep matmul/conv/attention outputs; ``models.unet._remat``); True means "blocks"
+    remat: str = "off"
 
     def __post_init__(self):
         from .errors import check_number
@@ -106,6 +108,17 @@ class LoRASettings:
         object.__setattr__(self, "weight_decay", check_number("lora_weight_decay", self.weight_decay,
                                                               nonnegative=True))
         object.__setattr__(self, "chunk", check_number("lora_chunk", self.chunk, positive=True, integer=True))
+        object.__setattr__(self, "remat", _check_remat("lora_remat", self.remat))
+
+
+def _check_remat(name: str, value) -> str:
+    from .errors import SettingsError
+    from .models.unet import REMAT_POLICIES, remat_policy
+
+    try:
+        return remat_policy(value)
+    except ValueError:
+        raise SettingsError(f"setting {name} = {value!r}: must be one of {', '.join(REMAT_POLICIES)}") from None
 
 
 _CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmax",
@@ -113,6 +126,18 @@ _CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn
                   "__cudnn$fmhaSoftmaxDropoutBackward", "__cudnn$fmhaScaleBiasSoftmaxDropout",
                   "__cudnn$fmhaScaleBiasSoftmaxDropoutBackward", "__cudnn$fmhaSoftmaxF8",
                   "__cudnn$fmhaSoftmaxBackwardF8")
+
+
+class _ProgressRelay:
+    """The one host callback compiled into drag loops: forwards ``(it, done)`` to whatever
+    listener the current run set (``target``), so a cached loop never calls a stale one."""
+
+    def __init__(self):
+        self.target: Callable | None = None
+
+    def __call__(self, it, done):
+        if self.target is not None:
+            self.target(it, done)
 
 
 class _Stages:
@@ -124,6 +149,9 @@ class _Stages:
     def __init__(self):
         self._cache: dict = {}
         self.last_compile_s: dict[str, float] = {}
+        # totals since the pipeline was made: programs compiled per stage, and their seconds
+        self.compiles: dict[str, int] = {}
+        self.compile_s: dict[str, float] = {}
         # export mode: build every stage for another platform with ``jax.export`` instead of
         # running it (outputs are zeros of the right shapes, so a whole edit can be walked through)
         self.export_platform: str | None = None
@@ -140,37 +168,49 @@ class _Stages:
         self.export_platform = platform
         self.exported = {}
 
-    def _export(self, name: str, fn, *args):
+    @staticmethod
+    def _key(name: str, fn, args) -> tuple:
+        leaves, tree = jax.tree.flatten(args)
+        return (name, fn, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+
+    def _export(self, key: tuple, name: str, fn, *args):
+        """Build (or reuse, e.g. the LoRA program for another method) the stage's program for
+        ``export_platform``; returns zeros of its output shapes."""
         from .precision import target_platform
 
-        leaves, tree = jax.tree.flatten(args)
-        key = ("export", self.export_platform, name, fn, tree,
-               tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
         exp = self._cache.get(key)
-        if exp is not None:  # the same program was built already (e.g. LoRA for another method)
-            return jax.tree.unflatten(exp.out_tree, [jnp.zeros(a.shape, a.dtype) for a in exp.out_avals])
-
-        # cuDNN's fused attention has no serialization guarantee; the program is for inspection
-        # and building, not for storing, so allow it
-        checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _CUDNN_TARGETS]
-        with target_platform(self.export_platform):
-            exp = jax.export.export(fn, platforms=[self.export_platform], disabled_checks=checks)(*args)
-        self._cache[key] = exp
-        self.exported.setdefault(name, []).append(exp)
+        if exp is None:
+            # cuDNN's fused attention has no serialization guarantee; the program is for
+            # inspection and building, not for storing, so allow it
+            checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _CUDNN_TARGETS]
+            with target_platform(self.export_platform):
+                exp = jax.export.export(fn, platforms=[self.export_platform], disabled_checks=checks)(*args)
+            self._cache[key] = exp
+            self.exported.setdefault(name, []).append(exp)
         return jax.tree.unflatten(exp.out_tree, [jnp.zeros(a.shape, a.dtype) for a in exp.out_avals])
 
     def __call__(self, name: str, fn, *args):
+        key = self._key(name, fn, args)
         if self.export_platform is not None:
-            return self._export(name, fn, *args)
-        leaves, tree = jax.tree.flatten(args)
-        key = (name, fn, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+            return self._export(("export", self.export_platform) + key, name, fn, *args)
         exe = self._cache.get(key)
         if exe is None:
             t0 = time.perf_counter()
             exe = fn.lower(*args).compile()
-            self.last_compile_s[name] = self.last_compile_s.get(name, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.last_compile_s[name] = self.last_compile_s.get(name, 0.0) + dt
+            self.compiles[name] = self.compiles.get(name, 0) + 1
+            self.compile_s[name] = self.compile_s.get(name, 0.0) + dt
             self._cache[key] = exe
         return exe(*args)
+
+    @property
+    def live(self) -> int:
+        """Compiled programs currently held."""
+        return len(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +236,9 @@ class Pipeline:
     clip_tokenizer: Tokenizer | None = None
     schedule: DDIM = field(default_factory=DDIM)
     feature_block: int = 2  # DragDiffusion's unet_feature_idx 3 = up_blocks[2] output
+    # compiled programs kept before ``edit_batch`` releases them between shape groups (each CPU
+    # executable holds ~140 memory mappings of a 65530 limit; GPU executables hold device memory)
+    max_live_programs: int = 40
 
     def __post_init__(self):
         self.stages = _Stages()
@@ -203,6 +246,14 @@ class Pipeline:
         # per-image LoRAs reused by later edits of the same image, prompt, seed and LoRA settings
         # (``enable_lora_cache``); None = off
         self.lora_cache: dict | None = None
+        self.progress_relay = _ProgressRelay()
+
+    def release_compiled(self) -> None:
+        """Drop every compiled program of this pipeline: the stage cache and the jitted
+        functions (JAX keeps a function's executables alive as long as the function lives). A
+        later edit compiles again (from the persistent compilation cache when it is on)."""
+        self.stages.clear()
+        self._jit.clear()
 
     def enable_lora_cache(self, enabled: bool = True) -> None:
         """Keep every trained LoRA (in memory) and reuse it when the same image is edited again
@@ -414,7 +465,7 @@ class Pipeline:
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(b))
         z = jax.vmap(lambda k: jax.random.normal(k, (h // 8, w // 8, self.sd.unet.cfg.in_channels)))(keys)
         ts = jnp.asarray(sched.timesteps, jnp.int32)
-        zero = jax.tree.map(lambda s_: jnp.zeros(s_.shape, jnp.float32), self.sd.unet.lora)
+        zero = zeros_lora(self.sd.unet.lora)
 
         def run(params, z, cond, uncond, g):
             def body(z, t):
@@ -443,14 +494,15 @@ class Pipeline:
         return self.stages("text", self._j("text", self.text_apply), self.sd.text_encoder.params,
                            jnp.asarray(ids))
 
-    def drag_networks(self, clip_double_unit_map: bool = False) -> DragNetworks:
-        """The engine's network functions over this pipeline (cached: one object per setting)."""
-        key = ("nets", clip_double_unit_map)
+    def drag_networks(self, clip_double_unit_map: bool = False, remat: str = "off") -> DragNetworks:
+        """The engine's network functions over this pipeline (cached: one object per setting).
+        ``remat``: the UNet's rematerialisation policy in the drag step's backward."""
+        key = ("nets", clip_double_unit_map, remat)
         if key not in self._jit:
             fb = self.feature_block
 
             def features(shared, edit, z, c, t):
-                eps, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None])
+                eps, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None], remat=remat)
                 return eps[0].astype(jnp.float32), taps["up"][fb][0].astype(jnp.float32)
 
             def clip_image(shared, x0):
@@ -460,10 +512,14 @@ class Pipeline:
             self._jit[key] = DragNetworks(features, clip_image if self.clip is not None else None)
         return self._jit[key]
 
-    def drag_runner(self, cfg: DragConfig, clip_double_unit_map: bool = False, progress=None):
-        key = ("runner", cfg, clip_double_unit_map, progress is not None)
+    def drag_runner(self, cfg: DragConfig, clip_double_unit_map: bool = False, progress: bool = False,
+                    remat: str = "off"):
+        """(prep, loop) for ``cfg``, cached. With ``progress`` the loop reports every iteration
+        to ``self.progress_relay.target`` (set it before the call)."""
+        key = ("runner", cfg, clip_double_unit_map, bool(progress), remat)
         if key not in self._jit:
-            self._jit[key] = make_runner(self.drag_networks(clip_double_unit_map), cfg, progress)
+            self._jit[key] = make_runner(self.drag_networks(clip_double_unit_map, remat), cfg,
+                                         self.progress_relay if progress else None)
         return self._jit[key]
 
     def shared_params(self, use_clip: bool):
@@ -482,6 +538,9 @@ def load_pipeline(path: str | Path, clip: str | Path | None = None, dtype: Any =
 
     dtype: compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); parameters stay float32.
     lora_rank: rank of the per-edit LoRA (DragDiffusion: 16)."""
+    from . import xla_cache
+
+    xla_cache.enable()
     policy = policy_for(dtype, attention)
     sd = weights.load_sd(path, dtype=policy.compute, attn_impl=policy.attention, lora_rank=lora_rank)
     tok = Tokenizer(sd.tokenizer_dir)
@@ -505,6 +564,8 @@ class EditSettings:
     resize; 0: keep the input size). inversion_strength 0.7 → 35 DDIM steps, t* = 681.
     reference_attention: mutual self-attention in the final denoise (MasaCtrl, on by default).
     clip_double_unit_map: reproduce CLIPDrag's double [0, 1] mapping of the CLIP input (QUIRK).
+    remat: the drag step's rematerialisation policy ("off" | "blocks" | "dots"; LoRA training
+    has its own, ``lora.remat``). batch_size: edits per vmapped batch.
     """
 
     method: str = "dragtext"
@@ -514,9 +575,12 @@ class EditSettings:
     reference_attention: bool = True
     clip_double_unit_map: bool = False
     batch_size: int = 8
+    remat: str = "off"
 
     def __post_init__(self):
         from .errors import SettingsError, check_number
+
+        object.__setattr__(self, "remat", _check_remat("remat", self.remat))
 
         s = check_number("inversion_strength", self.inversion_strength, low=0.0, high=1.0, low_open=True)
         if round(s * 50) < 1:
@@ -549,12 +613,32 @@ def _lora_key(p, lora: LoRASettings) -> tuple:
     return (digest, p.lora_image.shape, p.request.prompt, int(p.request.seed), lora)
 
 
+def pow2_bucket(n: int) -> int:
+    """The smallest power of two ≥ n (n ≥ 1): batch and handle-slot buckets."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _dummy(p):
+    """A padding edit: the image of ``p`` with no handles (done before its first update)."""
+    none = np.zeros((0, 2), np.float32)
+    return replace(p, handles=none, targets=none)
+
+
 def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig,
-               hypers: list[dict], progress: bool) -> list:
-    """Run one batch of prepared edits of a common working shape through every stage."""
+               hypers: list[dict], progress: bool, batch: int | None = None,
+               n_pairs: int | None = None) -> list:
+    """Run one batch of prepared edits of a common working shape through every stage.
+
+    Shapes are fixed so one program per stage serves a whole shape group: the batch is padded
+    to ``batch`` with handle-less copies of the first edit (they finish before their first
+    update; their results are dropped) and the handle slots to ``n_pairs`` (masked)."""
     from . import data as io
 
-    b = len(group)
+    n_real = len(group)
+    batch = max(batch or n_real, n_real)
+    group = list(group) + [_dummy(group[0])] * (batch - n_real)
+    hypers = list(hypers) + [hypers[0]] * (batch - n_real)
+    b = batch
     timings: dict[str, float] = {}
     pipe.stages.last_compile_s = {}
 
@@ -584,7 +668,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         bar = tqdm(total=settings.lora.steps, desc=f"LoRA ×{b}", leave=False)
     keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
     lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
-    cache_keys = [_lora_key(p, settings.lora) for p in group]
+    cache_keys = [_lora_key(p, settings.lora) for p in group]  # a dummy shares its model's key
     cache = pipe.lora_cache
     if cache is not None and all(k in cache for k in cache_keys):
         loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])
@@ -596,13 +680,13 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora,
                                    bar.update if bar else None)
         if cache is not None:
-            for i, k in enumerate(cache_keys):
+            for i, k in enumerate(cache_keys[:n_real]):
                 cache[k] = (jax.tree.map(lambda x: x[i], loras), lora_losses[:, i])
     if bar:
         bar.close()
     zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
 
-    n = max(len(p.handles) for p in group)
+    n = max([len(p.handles) for p in group] + [n_pairs or 1])
     h0, mask = _pad_points([p.handles for p in group], n)
     tg, _ = _pad_points([p.targets for p in group], n)
     keep = np.stack([p.keep for p in group])
@@ -619,13 +703,18 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
             dbar.n = int(np.max(np.asarray(it)))
             dbar.refresh()
 
-    prep, loop = pipe.drag_runner(cfg, settings.clip_double_unit_map, cb)
+    prep, loop = pipe.drag_runner(cfg, settings.clip_double_unit_map, progress=cb is not None,
+                                  remat=settings.remat)
     shared = pipe.shared_params(cfg.use_clip)
     args = (shared, loras, zt, c0, jnp.asarray(h0), jnp.asarray(tg), jnp.asarray(mask),
             jnp.asarray(keep), jnp.asarray(token_mask, jnp.float32), et,
             jnp.full((b,), t_star, jnp.int32), hyp)
     inputs, state = timed("drag_prepare", pipe.stages, "drag_prepare", prep, *args)
-    state = timed("drag", pipe.stages, "drag", loop, shared, loras, inputs, state)
+    pipe.progress_relay.target = cb
+    try:
+        state = timed("drag", pipe.stages, "drag", loop, shared, loras, inputs, state)
+    finally:
+        pipe.progress_relay.target = None
     if dbar:
         dbar.close()
     z_edit = timed("denoise", pipe.denoise, loras, zt, state.z, c0, state.c, settings.inversion_strength,
@@ -636,9 +725,10 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
 
     st = jax.tree.map(np.asarray, state)
     results = []
-    for i, p in enumerate(group):
+    for i, p in enumerate(group[:n_real]):
         img = out[i]
-        if img.shape[:2] != p.in_hw and np.isfinite(np.asarray(z_edit[i])).all():
+        finite = bool(np.isfinite(np.asarray(z_edit[i])).all())
+        if img.shape[:2] != p.in_hw and finite:
             img = np.asarray(Image.fromarray(img).resize((p.in_hw[1], p.in_hw[0]), Image.BILINEAR))
         k = len(p.handles)
         n_traj = int(st.it[i]) + int(st.done[i])
@@ -646,12 +736,12 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
             "method": settings.method, "drag": _cfg_dict(cfg), "hypers": hypers[i],
             "lora": {f: getattr(settings.lora, f) for f in settings.lora.__dataclass_fields__},
             "inversion_strength": settings.inversion_strength, "t_star": t_star,
-            "reference_attention": settings.reference_attention,
+            "reference_attention": settings.reference_attention, "remat": settings.remat,
             "clip_double_unit_map": settings.clip_double_unit_map,
             "working_size": list(work_hw), "supervision_size": list(sup_hw), "input_size": list(p.in_hw),
             "prompt": p.request.prompt, "edit_prompt": p.request.edit_prompt or p.request.prompt,
             "seed": p.request.seed, "model": str(pipe.sd.source),
-            "dtype": jnp.dtype(pipe.policy.compute).name, "batch_size": b,
+            "dtype": jnp.dtype(pipe.policy.compute).name, "batch_size": b, "batch_edits": n_real,
             "lora_final_loss": float(np.asarray(lora_losses)[-1, i]) if len(lora_losses) else None,
         }
         failure = None
@@ -660,7 +750,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
 
             failure = {"diverged": {"iteration": int(st.fail_it[i]), "what": FAILURES[int(st.fail_what[i])]}}
             img = None
-        elif not np.isfinite(np.asarray(z_edit[i])).all():
+        elif not finite:
             failure = {"diverged": {"iteration": int(st.it[i]), "what": "denoise"}}
             img = None
         results.append(io.EditResult(
@@ -681,12 +771,22 @@ def _cfg_dict(cfg: DragConfig) -> dict:
 
 
 def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
-               settings: EditSettings | None = None, progress: bool = False, **overrides) -> list:
+               settings: EditSettings | None = None, progress: bool = False,
+               on_result: Callable[[int, Any], None] | None = None,
+               on_error: Callable[[list[int], Exception], None] | None = None, **overrides) -> list:
     """Run many edits: requests are grouped by working shape and each group runs as vmapped
-    batches of at most ``settings.batch_size`` (points padded to the group's maximum). Returns
-    ``EditResult``s in request order. ``overrides``: drag settings (``methods.resolve`` names,
-    e.g. ``max_iters=40``, ``latent_lr=0.02``); a request's own ``hypers`` override the
-    continuous ones for that edit. Raises RequestError naming the first bad request."""
+    batches of one fixed size, b = min(``settings.batch_size``, the group's size rounded up to
+    a power of two), the last one padded with dummy edits, and the handle slots padded to the
+    group's largest count rounded up to a power of two — so each stage compiles at most once per
+    working shape. Between groups, compiled programs are released once more than
+    ``pipe.max_live_programs`` are held (a run of any length keeps bounded memory).
+
+    Returns ``EditResult``s in request order. ``on_result(i, result)`` is called as each batch
+    finishes (write results as they come); with ``on_error(indices, exception)`` a batch that
+    raises is reported there and the others still run (its results stay None). ``overrides``:
+    drag settings (``methods.resolve`` names, e.g. ``max_iters=40``, ``latent_lr=0.02``); a
+    request's own ``hypers`` override the continuous ones for that edit. Raises RequestError
+    naming the first bad request."""
     from . import data as io
     from .drag.methods import HYPER_KEYS, check_hypers, resolve
     from .errors import SettingsError
@@ -715,13 +815,27 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
     for i, p in enumerate(prepared):
         groups.setdefault(io.bucket_key(p), []).append(i)
     results: list = [None] * len(prepared)
-    for idx in groups.values():
-        for s in range(0, len(idx), settings.batch_size):
-            chunk = idx[s:s + settings.batch_size]
+    for key in sorted(groups):
+        idx = groups[key]
+        b = min(settings.batch_size, pow2_bucket(len(idx)))
+        n_pairs = pow2_bucket(max(len(prepared[i].handles) for i in idx))
+        for s in range(0, len(idx), b):
+            chunk = idx[s:s + b]
             hps = [{**hyp, **{k: float(v) for k, v in prepared[i].request.hypers.items()}} for i in chunk]
-            outs = _run_group(pipe, [prepared[i] for i in chunk], settings, cfg, hps, progress)
+            try:
+                outs = _run_group(pipe, [prepared[i] for i in chunk], settings, cfg, hps, progress,
+                                  batch=b, n_pairs=n_pairs)
+            except Exception as e:  # noqa: BLE001 - reported per batch when the caller asks
+                if on_error is None:
+                    raise
+                on_error(chunk, e)
+                continue
             for i, o in zip(chunk, outs):
                 results[i] = o
+                if on_result is not None:
+                    on_result(i, o)
+        if pipe.stages.live > pipe.max_live_programs:
+            pipe.release_compiled()
     return results
 
 

@@ -348,7 +348,8 @@ def is_buffer(key: str) -> bool:
 
 @dataclass
 class Component:
-    """A network split for functional use: ``graphdef`` + ``params`` (base, float32) and a
+    """A network split for functional use: ``graphdef`` + ``params`` (base weights: float32, matmul
+    and conv kernels in their layer's compute dtype, see ``store_in_compute_dtype``) and a
     ``lora`` template state (abstract shapes; empty when the network has no LoRA)."""
 
     cfg: Any
@@ -361,6 +362,25 @@ class Component:
         if jax.tree.leaves(self.lora):
             states.insert(0, lora if lora is not None else _zeros_like(self.lora))
         return nnx.merge(self.graphdef, *states)
+
+
+def store_in_compute_dtype(graphdef, lora, params):
+    """Base weights cast once to the dtype their layer computes in: every module with a ``dtype``
+    and a ``kernel`` (Linear, Conv) gets its kernel in that dtype, so on accelerators the frozen
+    bfloat16 weights are read as they are instead of being converted at every use inside the
+    scan/while bodies. Layers that compute in float32 (the final projections) keep float32
+    kernels; biases, norm scales and embeddings stay float32. A no-op in float32."""
+    model = nnx.merge(graphdef, *([_zeros_like(lora)] if jax.tree.leaves(lora) else []), params)
+    changed = False
+    for _, node in nnx.iter_graph(model):
+        kernel = getattr(node, "kernel", None)
+        dtype = getattr(node, "dtype", None)
+        if isinstance(kernel, nnx.Param) and dtype is not None and kernel[...].dtype != jnp.dtype(dtype):
+            kernel.value = kernel[...].astype(dtype)
+            changed = True
+    if not changed:
+        return params
+    return nnx.split(model, nnx.LoRAParam, nnx.Param)[2]
 
 
 def _zeros_like(state):
@@ -392,7 +412,7 @@ def load_component(build: Callable[[], nnx.Module], source: TensorSource, *, cfg
     shapes = {n: source.shape(k) for n, k in names.items()}
     params = assign(base, tensors, shapes, label=source.label, ignore=ignore,
                     where=lambda n: f"{source.file_of(names[n])} (key {names[n]!r})")
-    return Component(cfg, graphdef, params, lora)
+    return Component(cfg, graphdef, store_in_compute_dtype(graphdef, lora, params), lora)
 
 
 def read_json(path: Path) -> dict:
@@ -552,7 +572,7 @@ def _fill(abs_parts, cfg, view: _PrefixView, ignore=is_buffer) -> Component:
     graphdef, lora, base = abs_parts
     params = assign(base, view.tensors(), view.shapes(), label=view.label, ignore=ignore,
                     where=lambda d: f"{view.src.file_of(view.names[d])} (key {view.names[d]!r})")
-    return Component(cfg, graphdef, params, lora)
+    return Component(cfg, graphdef, store_in_compute_dtype(graphdef, lora, params), lora)
 
 
 # ----------------------------------------------------------------------------------------------

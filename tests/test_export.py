@@ -46,6 +46,28 @@ def _export_all(pipe, platform, methods):
         pipe.stages.export_for(None)
 
 
+def _kernel_shapes(pipe) -> set:
+    """Shapes of the base weights' matmul/conv kernels (≥ 2-D), less any LoRA factor's shape
+    (LoRA stays float32 and is cast at use by design)."""
+    import jax
+
+    comps = [pipe.sd.unet, pipe.sd.vae, pipe.sd.text_encoder] + ([pipe.clip] if pipe.clip else [])
+    kernels = {tuple(x.shape) for c in comps for x in jax.tree.leaves(c.params) if x.ndim >= 2}
+    lora = {tuple(x.shape) for x in jax.tree.leaves(pipe.sd.unet.lora)}
+    return kernels - lora
+
+
+def weight_converts(mlir: str, shapes: set) -> int:
+    """Number of f32 → bf16 converts in a StableHLO module whose operand has a kernel's shape."""
+    import re
+
+    n = 0
+    for m in re.finditer(r"stablehlo\.convert.*?\(tensor<([0-9x]+)xf32>\) -> tensor<\1xbf16>", mlir):
+        if tuple(int(d) for d in m.group(1).split("x")) in shapes:
+            n += 1
+    return n
+
+
 def test_every_stage_of_every_method_exports_for_cuda_with_cudnn_attention(bf16_pipe, cudnn_stub):
     exported = _export_all(bf16_pipe, "cuda", METHODS)
     assert STAGES <= set(exported), set(exported)
@@ -56,6 +78,11 @@ def test_every_stage_of_every_method_exports_for_cuda_with_cudnn_attention(bf16_
         mod = e.mlir_module()
         assert "cudnn$fmhaSoftmax" in mod and "cudnn$fmhaSoftmaxBackward" in mod and "bf16" in mod
     assert "cudnn$fmhaSoftmaxBackward" in exported["lora"][0].mlir_module()
+    # precision: the frozen base weights are stored in bf16 once, never converted inside a stage
+    # (before: 180 UNet kernels converted at every use in the LoRA scan and the drag loop)
+    shapes = _kernel_shapes(bf16_pipe)
+    converts = {k: sum(weight_converts(e.mlir_module(), shapes) for e in es) for k, es in exported.items()}
+    assert not any(converts.values()), converts
 
 
 def test_every_stage_exports_for_tpu(bf16_pipe):

@@ -53,18 +53,11 @@ _HYPER_RANGES = {"latent_lr": "positive", "text_lr": "positive", "lam": "nonnega
                  "text_lam": "nonnegative", "fuse_weight": "nonnegative", "clip_coef": "nonnegative"}
 
 
-def check_hypers(hypers: dict, where: str = "") -> dict[str, float]:
-    """Every hyperparameter finite and in its range (learning rates > 0, weights ≥ 0); returns
-    them as floats. Raises SettingsError naming the setting (prefixed by ``where``)."""
-    out = {}
-    for k, v in hypers.items():
-        if k not in _HYPER_RANGES:
-            raise SettingsError(f"{where}unknown hyperparameter {k!r}; valid: {', '.join(HYPER_KEYS)}")
-        try:
-            out[k] = check_number(k, v, **{_HYPER_RANGES[k]: True})
-        except SettingsError as e:
-            raise SettingsError(f"{where}{e}") from None
-    return out
+def check_hypers(hypers: dict) -> dict[str, float]:
+    """Every hyperparameter (names from HYPER_KEYS; callers reject unknown ones) finite and in its
+    range (learning rates > 0, weights ≥ 0); returns them as floats. Raises SettingsError naming
+    the setting."""
+    return {k: check_number(k, v, **{_HYPER_RANGES[k]: True}) for k, v in hypers.items()}
 
 
 def resolve(method: str, **overrides: Any) -> tuple[DragConfig, dict[str, float]]:

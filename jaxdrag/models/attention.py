@@ -132,13 +132,18 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, impl: str =
 
     GPU with 16-bit inputs: cuDNN's fused kernel. CPU, long non-causal sequences (T ≥ 1024, a
     multiple of 128): ``blocked_attention``. Otherwise XLA's einsum-softmax-einsum."""
+    from jax.ad_checkpoint import checkpoint_name
+
     if cudnn_applies(q, impl, k.shape[1]):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-    t = q.shape[1]
-    if (impl == "auto" and not causal and platform() == "cpu" and t >= BLOCKED_MIN_TOKENS
-            and t % BLOCK == 0):
-        return blocked_attention(q, k, v, BLOCK)
-    return _xla_attention(q, k, v, causal)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    else:
+        t = q.shape[1]
+        if (impl == "auto" and not causal and platform() == "cpu" and t >= BLOCKED_MIN_TOKENS
+                and t % BLOCK == 0):
+            out = blocked_attention(q, k, v, BLOCK)
+        else:
+            out = _xla_attention(q, k, v, causal)
+    return checkpoint_name(out, "attention")  # saved by the "dots" remat policy
 
 
 def reference_attention(q: Array, k: Array, v: Array, *, impl: str = "auto") -> Array:

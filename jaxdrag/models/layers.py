@@ -167,7 +167,10 @@ class Conv2d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
+        from jax.ad_checkpoint import checkpoint_name
+
         y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.padding)
+        y = checkpoint_name(y, "conv")  # saved by the "dots" remat policy
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

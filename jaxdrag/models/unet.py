@@ -8,7 +8,8 @@ returns ``(eps, taps)``: eps (B, h, w, C_out) float32 and taps = {"mid": mid-blo
 "up": [output of up_blocks[i] after its upsampler, i = 0..n-1]}. DragDiffusion's motion
 supervision uses ``taps["up"][2]`` (640 channels at latent resolution for SD-1.5).
 
-``remat=True`` rematerialises every resnet and transformer block in the backward pass.
+``remat`` ("off" | "blocks" | "dots", ``_remat``) rematerialises the resnet and transformer blocks
+in the backward pass.
 ``reference_attention=True`` makes the self-attention (attn1) of every transformer block of the
 last ``reference_up_blocks`` (2) up blocks attend to batch row 0's keys/values (MasaCtrl,
 ALGORITHMS.md §1.5: for SD-1.5 up_blocks[2] and up_blocks[3], its layers 10–15). ``mid_override`` replaces the mid-block
@@ -279,12 +280,38 @@ class Upsample2D(nnx.Module):
         return self.conv(nearest_resize(x, size))
 
 
-def _remat(remat: bool, fn, *args):
-    """``fn(*args)``, rematerialised in the backward pass when ``remat`` (only the block's inputs
-    are kept; used to fit LoRA training of many edits at once in GPU memory)."""
-    if not remat:
+REMAT_POLICIES = ("off", "blocks", "dots")
+
+
+def remat_policy(remat) -> str:
+    """Normalise a remat setting: False/None → "off", True → "blocks"; names are checked."""
+    if remat is None or remat is False:
+        return "off"
+    if remat is True:
+        return "blocks"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    return remat
+
+
+# "dots": keep the outputs of the projections (matmuls without batch dimensions), of the
+# convolutions and of attention; recompute norms, activations, residual sums and attention
+# scores/probabilities (the (T × T) maps that dominate memory at 64×64 latents) in the backward
+_SAVE_DOTS = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names("attention", "conv"))
+
+
+def _remat(remat, fn, *args):
+    """``fn(*args)`` under the remat policy: "off" keeps every intermediate for the backward;
+    "blocks" keeps only each resnet/transformer block's inputs and recomputes the block;
+    "dots" keeps matmul, convolution and attention outputs and recomputes the rest."""
+    remat = remat_policy(remat)
+    if remat == "off":
         return fn(*args)
-    return jax.checkpoint(fn)(*args)
+    if remat == "blocks":
+        return jax.checkpoint(fn)(*args)
+    return jax.checkpoint(fn, policy=_SAVE_DOTS)(*args)
 
 
 class DownBlock(nnx.Module):

@@ -28,6 +28,12 @@ def _json(path: Path, obj) -> None:
 
 
 def _swap(tmp: Path, out: Path) -> Path:
+    """Replace ``out`` by ``tmp`` atomically, keeping the files of ``out`` that the new model does
+    not write (README, measured tables)."""
+    if out.exists():
+        for f in out.iterdir():
+            if f.is_file() and not (tmp / f.name).exists():
+                shutil.copy(f, tmp / f.name)
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -62,10 +68,6 @@ def write_sd(root: Path, vae_params, unet_params, text_params, scaling_factor: f
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "DDIMScheduler"]})
-    if out.exists():
-        for f in out.iterdir():
-            if f.is_file() and not (tmp / f.name).exists():
-                shutil.copy(f, tmp / f.name)
     return _swap(tmp, out)
 
 
@@ -83,8 +85,4 @@ def write_clip(root: Path, clip_params, logit_scale: float, info: dict) -> Path:
         "text_config": M.CLIP_TEXT.to_hf(), "vision_config": M.CLIP_VISION.to_hf()})
     for f in BUNDLED.iterdir():
         shutil.copy(f, tmp / f.name)
-    if out.exists():
-        for f in out.iterdir():
-            if f.is_file() and not (tmp / f.name).exists():
-                shutil.copy(f, tmp / f.name)
     return _swap(tmp, out)
