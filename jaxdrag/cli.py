@@ -188,6 +188,8 @@ def cmd_run(args) -> int:
     from .pipeline import edit_batch
 
     t_start = time.perf_counter()
+    # before anything touches a JAX backend
+    pid, nproc = _init_distributed(args) if args.distributed else (0, 1)
     cfg, _ = resolve(args.method, **_overrides(args))
     settings = _settings(args)
     samples = find_samples(args.dataset)
@@ -196,7 +198,11 @@ def cmd_run(args) -> int:
     if args.limit:
         samples = samples[:args.limit]
     out = Path(args.out)
+    n_all = len(samples)
+    samples = samples[pid::nproc]  # this process's share (every process lists the same samples)
     todo = [s for s in samples if not is_done(out / s.name)]
+    if nproc > 1:
+        print(f"process {pid} of {nproc}: {len(samples)} of the {n_all} samples", file=sys.stderr)
     print(f"{len(samples)} samples, {len(samples) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
     failures: dict[str, str] = {}
     done = len(samples) - len(todo)
@@ -211,10 +217,14 @@ def cmd_run(args) -> int:
             failures[s.name] = str(e)
             print(f"skipped {s.name}: {e}", file=sys.stderr)
     stats: dict = {}
+    ran: list[str] = []
     pipe = None
     try:
         if loaded:
             pipe = _load(args, cfg.use_clip)
+            n_dev = pipe.use_devices(_local_devices(args.devices))
+            if n_dev > 1:
+                print(f"edits spread over {n_dev} devices", file=sys.stderr)
             bar = tqdm(total=len(loaded), desc="samples", disable=args.quiet)
 
             def on_result(i, res):  # written as each batch finishes: an interrupted run loses nothing
@@ -222,6 +232,7 @@ def cmd_run(args) -> int:
                 s = loaded[i][0]
                 res.name = s.name
                 write_result(res, out / s.name)
+                ran.append(s.name)
                 if res.failure is not None:
                     d = res.failure.get("diverged", {})
                     failures[s.name] = (f"diverged at iteration {d.get('iteration')} "
@@ -246,9 +257,64 @@ def cmd_run(args) -> int:
                                 "per_stage": dict(pipe.stages.compiles)}
         summary = {"dataset": str(args.dataset), "method": args.method, "total": len(samples), "done": done,
                    "failed": failures, **stats, "wall_s": round(time.perf_counter() - t_start, 1)}
-        write_json(out / "summary.json", summary)
+        if nproc > 1:
+            summary.update(process=pid, ran=ran)
+            summary = _gather_summaries(summary, pid, nproc, n_all)
+        if summary is not None:
+            write_json(out / "summary.json", summary)
     print(json.dumps({"done": done, "failed": len(failures), "summary": str(out / "summary.json")}))
     return 0 if not failures else 1
+
+
+def _init_distributed(args) -> tuple[int, int]:
+    """``jax.distributed.initialize`` (explicit coordinator/process settings, or auto-detected on
+    TPU pods, SLURM, …); returns (process index, process count)."""
+    import jax
+
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in given) and not all(v is not None for v in given):
+        raise SettingsError("--distributed: give all of --coordinator, --num-processes and --process-id, or "
+                            "none (auto-detection)")
+    if args.coordinator is not None:
+        if not 0 <= args.process_id < args.num_processes:
+            raise SettingsError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}")
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    else:
+        jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def _gather_summaries(mine: dict, pid: int, nproc: int, n_all: int) -> dict | None:
+    """Every process posts its summary to the coordinator's key-value store; process 0 waits
+    for all of them and returns the merged summary (the others return None)."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    client.key_value_set(f"jaxdrag_run_summary/{pid}", json.dumps(mine))
+    if pid != 0:
+        return None
+    parts = [json.loads(client.blocking_key_value_get(f"jaxdrag_run_summary/{i}", 7 * 24 * 3600 * 1000))
+             for i in range(nproc)]
+    return {"dataset": mine["dataset"], "method": mine["method"], "total": n_all,
+            "done": sum(p["done"] for p in parts), "failed": {k: v for p in parts for k, v in p["failed"].items()},
+            "processes": parts, "wall_s": max(p["wall_s"] for p in parts)}
+
+
+def _local_devices(spec: str):
+    """``--devices``: "all" local devices or the first N."""
+    import jax
+
+    devs = jax.local_devices()
+    if spec == "all":
+        return devs
+    try:
+        n = int(spec)
+    except ValueError:
+        raise SettingsError(f"--devices {spec!r}: expected 'all' or a count") from None
+    if not 1 <= n <= len(devs):
+        raise SettingsError(f"--devices {n}: this process has {len(devs)} device(s)")
+    return devs[:n]
 
 
 def demo_example(size: int = 128):
@@ -348,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", nargs="*", default=None, help="only these sample names")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true")
+    r.add_argument("--devices", default="all",
+                   help="local devices to spread each batch over: all (default) or a count")
+    r.add_argument("--distributed", action="store_true",
+                   help="one of several processes/hosts (jax.distributed): each takes every n-th sample")
+    r.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0")
+    r.add_argument("--num-processes", type=int, default=None, help="with --distributed: process count")
+    r.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
     _add_model_options(r)
     _add_drag_options(r)
     r.set_defaults(fn=cmd_run)

@@ -156,6 +156,9 @@ class _Stages:
         # running it (outputs are zeros of the right shapes, so a whole edit can be walked through)
         self.export_platform: str | None = None
         self.exported: dict[str, list] = {}
+        # several devices: stages run under ``shard_map`` over the edit axis (``use_devices``)
+        self.mesh: jax.sharding.Mesh | None = None
+        self._sharded: dict = {}
 
     def export_for(self, platform: str | None) -> None:
         """``platform`` ("cuda", "tpu", …): from now on export stages for it instead of running
@@ -189,7 +192,29 @@ class _Stages:
             self.exported.setdefault(name, []).append(exp)
         return jax.tree.unflatten(exp.out_tree, [jnp.zeros(a.shape, a.dtype) for a in exp.out_avals])
 
+    def _over_devices(self, fn, args):
+        """``fn`` under ``shard_map`` over the mesh's edit axis: the first argument (the shared
+        weights) replicated, every other argument and every output split along its leading edit
+        axis. Each device runs its own program — its own drag ``while_loop``, so a slow edit on
+        one device does not hold the others. None when the batch does not split evenly."""
+        from jax.sharding import PartitionSpec as P
+
+        n = self.mesh.size
+        if any(np.ndim(x) == 0 or np.shape(x)[0] % n for x in jax.tree.leaves(args[1:])):
+            return None
+        wrapped = self._sharded.get(fn)
+        if wrapped is None:
+            spec = (P(),) + (P("edits"),) * (len(args) - 1)
+            wrapped = jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=spec, out_specs=P("edits"),
+                                            check_vma=False))
+            self._sharded[fn] = wrapped
+        return wrapped
+
     def __call__(self, name: str, fn, *args):
+        if self.mesh is not None and self.export_platform is None:
+            sharded = self._over_devices(fn, args)
+            if sharded is not None:
+                fn = sharded
         key = self._key(name, fn, args)
         if self.export_platform is not None:
             return self._export(("export", self.export_platform) + key, name, fn, *args)
@@ -211,6 +236,7 @@ class _Stages:
 
     def clear(self) -> None:
         self._cache.clear()
+        self._sharded.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +273,30 @@ class Pipeline:
         # (``enable_lora_cache``); None = off
         self.lora_cache: dict | None = None
         self.progress_relay = _ProgressRelay()
+
+    def use_devices(self, devices: Sequence | None = None) -> int:
+        """Spread every batch over ``devices`` (default: all local devices): the base weights
+        are replicated once, the edits split evenly (``edit_batch`` rounds its batches up to a
+        multiple of the device count) and each device runs its own programs. One device (or
+        ``devices=[]``) switches back to single-device runs. Returns the device count in use."""
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+        devices = list(jax.local_devices() if devices is None else devices)
+        self.release_compiled()
+        if len(devices) <= 1:
+            self.stages.mesh = None
+            return 1
+        mesh = Mesh(np.array(devices), ("edits",))
+        rep = NamedSharding(mesh, P())
+        for comp in (self.sd.unet, self.sd.vae, self.sd.text_encoder, self.clip):
+            if comp is not None:
+                comp.params = jax.device_put(comp.params, rep)
+        self.stages.mesh = mesh
+        return len(devices)
+
+    @property
+    def n_devices(self) -> int:
+        return 1 if self.stages.mesh is None else self.stages.mesh.size
 
     def release_compiled(self) -> None:
         """Drop every compiled program of this pipeline: the stage cache and the jitted
@@ -376,7 +426,7 @@ class Pipeline:
                 return (lo, op, ke), loss
 
             (loras, opts, keys), losses = jax.lax.scan(body, (loras, opts, keys), None, length=n)
-            return loras, opts, keys, losses
+            return loras, opts, keys, losses.T  # (B, n): every output leads with the edit axis
 
         return jax.jit(chunk, donate_argnums=(1, 2, 3))
 
@@ -415,7 +465,7 @@ class Pipeline:
             if on_chunk is not None:
                 jax.block_until_ready(l)
                 on_chunk(n)
-        return loras, jnp.concatenate(losses, axis=0) if losses else jnp.zeros((0, b))
+        return loras, jnp.concatenate(losses, axis=1).T if losses else jnp.zeros((0, b))
 
     def invert(self, loras, z0: Array, ctx: Array, strength: float) -> Array:
         """DDIM inversion z0 → z_{t*} (K = round(strength·50) steps, no CFG), per edit."""
@@ -818,6 +868,7 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
     for key in sorted(groups):
         idx = groups[key]
         b = min(settings.batch_size, pow2_bucket(len(idx)))
+        b = -(-b // pipe.n_devices) * pipe.n_devices  # an equal share for every device
         n_pairs = pow2_bucket(max(len(prepared[i].handles) for i in idx))
         for s in range(0, len(idx), b):
             chunk = idx[s:s + b]

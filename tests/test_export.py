@@ -47,12 +47,13 @@ def _export_all(pipe, platform, methods):
 
 
 def _kernel_shapes(pipe) -> set:
-    """Shapes of the base weights' matmul/conv kernels (≥ 2-D), less any LoRA factor's shape
-    (LoRA stays float32 and is cast at use by design)."""
+    """Shapes of the base weights' matmul/conv kernels, less any LoRA factor's shape (LoRA and
+    the embedding tables stay float32 by design)."""
     import jax
 
     comps = [pipe.sd.unet, pipe.sd.vae, pipe.sd.text_encoder] + ([pipe.clip] if pipe.clip else [])
-    kernels = {tuple(x.shape) for c in comps for x in jax.tree.leaves(c.params) if x.ndim >= 2}
+    kernels = {tuple(x.shape) for c in comps for path, x in jax.tree_util.tree_leaves_with_path(c.params)
+               if x.ndim >= 2 and "kernel" in jax.tree_util.keystr(path)}
     lora = {tuple(x.shape) for x in jax.tree.leaves(pipe.sd.unet.lora)}
     return kernels - lora
 

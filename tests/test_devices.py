@@ -1,0 +1,84 @@
+"""Several devices and several processes (slow: each runs fresh processes that compile every stage;
+``python -m pytest -m slow tests/test_devices.py``, ~5 min on 2 cores).
+
+- four host CPU devices (``--xla_force_host_platform_device_count=4``): a batch of four edits
+  spread with ``shard_map`` (one edit and one drag ``while_loop`` per device) gives the results of
+  the single-device run;
+- ``jaxdrag run --distributed``: two local processes split a dataset and together write every
+  result exactly once, and process 0 writes the merged summary."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_cli import _dragbench_sample
+
+pytestmark = pytest.mark.slow
+
+MULTI = r'''
+import json, sys
+import numpy as np
+import jaxdrag
+from jaxdrag import EditRequest, EditSettings, LoRASettings
+pipe = jaxdrag.load_pipeline(sys.argv[1], dtype="float32")
+rs = np.random.RandomState(0)
+reqs = [EditRequest((rs.rand(48, 64, 3) * 255).astype(np.uint8), [(10 + 3 * i, 20), (20 + 3 * i, 26)], "x",
+                    name=f"e{i}", seed=i) for i in range(4)]
+st = EditSettings(lora=LoRASettings(steps=2, chunk=2), width=0, batch_size=4)
+out = {}
+for label, devices in (("one", []), ("four", None)):
+    n = pipe.use_devices(devices)
+    res = jaxdrag.edit_batch(pipe, reqs, "dragtext", settings=st, max_iters=3)
+    out[label] = {"n": n, "handles": [r.handles.tolist() for r in res], "iters": [r.iterations for r in res],
+                  "images": [r.image.astype(int).tolist() for r in res]}
+print(json.dumps(out))
+'''
+
+
+def _env(**extra):
+    env = dict(os.environ, JAXDRAG_COMPILE_CACHE="0", **extra)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_four_devices_equal_one(tiny_models):
+    import numpy as np
+
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    p = subprocess.run([sys.executable, "-c", MULTI, str(tiny_models[0])], env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["one"]["n"] == 1 and out["four"]["n"] == 4
+    assert out["one"]["handles"] == out["four"]["handles"] and out["one"]["iters"] == out["four"]["iters"]
+    diff = np.abs(np.asarray(out["one"]["images"]) - np.asarray(out["four"]["images"])).max()
+    assert diff <= 1, diff  # batch 4 on one device vs batch 1 per device: float rounding only
+
+
+def test_two_processes_split_a_dataset(tiny_models, tmp_path):
+    data, out = tmp_path / "bench", tmp_path / "out"
+    for i in range(5):
+        _dragbench_sample(data / "cat" / f"s{i}", i)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxdrag.cli", "run", str(data), "--out", str(out),
+                               "--model", str(tiny_models[0]), "--method", "dragdiffusion", "--lora-steps", "2",
+                               "--max-iters", "2", "--quiet", "--distributed", "--coordinator", f"localhost:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=1200) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in logs]
+    summary = json.loads((out / "summary.json").read_text())
+    ran = [set(p["ran"]) for p in summary["processes"]]
+    assert ran[0] == {"cat/s0", "cat/s2", "cat/s4"} and ran[1] == {"cat/s1", "cat/s3"}
+    assert summary["total"] == 5 and summary["done"] == 5 and not summary["failed"]
+    for i in range(5):
+        assert json.loads((out / "cat" / f"s{i}" / "report.json").read_text())["name"] == f"cat/s{i}"
+    assert "process 1 of 2: 2 of the 5 samples" in logs[1][1]
