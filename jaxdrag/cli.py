@@ -30,6 +30,15 @@ def _enable_compile_cache(enabled: bool) -> None:
         os.environ["JAXDRAG_COMPILE_CACHE"] = "0"
 
 
+def _batch_size(v: str):
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {v!r}") from None
+
+
 def _parse_bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
         return True
@@ -409,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="edit every sample of a DragBench or Drag100 folder (resumable)")
     r.add_argument("dataset", type=Path)
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--batch-size", type=int, default=8, help="edits per vmapped batch (same working size)")
+    r.add_argument("--batch-size", type=_batch_size, default=8,
+                   help="edits per vmapped batch (same working size), or 'auto': the largest batch whose "
+                        "every stage fits in device memory (XLA's memory analysis)")
     r.add_argument("--limit", type=int, default=None, help="only the first N samples")
     r.add_argument("--only", nargs="*", default=None, help="only these sample names")
     r.add_argument("--seed", type=int, default=0)

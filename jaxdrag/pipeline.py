@@ -11,6 +11,7 @@ hyperparameters on a leading axis (``jax.vmap``). Stages are compiled ahead of t
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -159,6 +160,8 @@ class _Stages:
         # several devices: stages run under ``shard_map`` over the edit axis (``use_devices``)
         self.mesh: jax.sharding.Mesh | None = None
         self._sharded: dict = {}
+        # measure mode (``plan_batch``): compile, record each stage's memory, return zeros
+        self.measured: dict[str, dict] | None = None
 
     def export_for(self, platform: str | None) -> None:
         """``platform`` ("cuda", "tpu", …): from now on export stages for it instead of running
@@ -219,6 +222,10 @@ class _Stages:
         if self.export_platform is not None:
             return self._export(("export", self.export_platform) + key, name, fn, *args)
         exe = self._cache.get(key)
+        if exe is None and self.measured is not None:
+            exe = fn.lower(*args).compile()  # not kept: the planned batch is compiled later
+        if self.measured is not None:
+            return self._measure(name, exe, args)
         if exe is None:
             t0 = time.perf_counter()
             exe = fn.lower(*args).compile()
@@ -228,6 +235,18 @@ class _Stages:
             self.compile_s[name] = self.compile_s.get(name, 0.0) + dt
             self._cache[key] = exe
         return exe(*args)
+
+    def _measure(self, name, exe, args):
+        """Record the stage's memory (bytes): ``shared`` = its first argument (the weights,
+        one copy whatever the batch), ``edit`` = everything else it needs at this batch
+        (other arguments, outputs, temporaries). Returns zeros of its outputs."""
+        m = exe.memory_analysis()
+        shared = sum(np.prod(np.shape(x)) * jnp.result_type(x).itemsize for x in jax.tree.leaves(args[0]))
+        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+        prev = self.measured.get(name, {"shared": 0, "edit": 0})
+        self.measured[name] = {"shared": max(prev["shared"], int(shared)),
+                               "edit": max(prev["edit"], int(total - shared))}
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), exe.out_info)
 
     @property
     def live(self) -> int:
@@ -293,6 +312,24 @@ class Pipeline:
                 comp.params = jax.device_put(comp.params, rep)
         self.stages.mesh = mesh
         return len(devices)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every network's base weights (as stored: bf16 kernels on accelerators)."""
+        comps = [self.sd.unet, self.sd.vae, self.sd.text_encoder] + ([self.clip] if self.clip else [])
+        return int(sum(x.size * x.dtype.itemsize for c in comps for x in jax.tree.leaves(c.params)))
+
+    def device_memory(self) -> int:
+        """Bytes one device can hold: the accelerator's ``bytes_limit``; on CPU the memory the
+        system has available (``MemAvailable``)."""
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"])
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
 
     @property
     def n_devices(self) -> int:
@@ -615,7 +652,8 @@ class EditSettings:
     reference_attention: mutual self-attention in the final denoise (MasaCtrl, on by default).
     clip_double_unit_map: reproduce CLIPDrag's double [0, 1] mapping of the CLIP input (QUIRK).
     remat: the drag step's rematerialisation policy ("off" | "blocks" | "dots"; LoRA training
-    has its own, ``lora.remat``). batch_size: edits per vmapped batch.
+    has its own, ``lora.remat``). batch_size: edits per vmapped batch, or "auto": the largest
+    batch whose every stage fits ``memory_fraction`` of a device's memory (``plan_batch``).
     """
 
     method: str = "dragtext"
@@ -624,8 +662,9 @@ class EditSettings:
     lora: LoRASettings = LoRASettings()
     reference_attention: bool = True
     clip_double_unit_map: bool = False
-    batch_size: int = 8
+    batch_size: int | str = 8
     remat: str = "off"
+    memory_fraction: float = 0.85  # of each device's memory that ``batch_size="auto"`` plans to use
 
     def __post_init__(self):
         from .errors import SettingsError, check_number
@@ -642,8 +681,9 @@ class EditSettings:
             if 0 < w < 16:
                 raise SettingsError(f"setting width = {w}: must be 0 (keep the input size) or ≥ 16")
             object.__setattr__(self, "width", w)
-        object.__setattr__(self, "batch_size", check_number("batch_size", self.batch_size, positive=True,
-                                                            integer=True))
+        if self.batch_size != "auto":
+            object.__setattr__(self, "batch_size", check_number("batch_size", self.batch_size, positive=True,
+                                                                integer=True))
 
 
 def _pad_points(arrs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -729,7 +769,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     else:
         loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora,
                                    bar.update if bar else None)
-        if cache is not None:
+        if cache is not None and pipe.stages.measured is None:
             for i, k in enumerate(cache_keys[:n_real]):
                 cache[k] = (jax.tree.map(lambda x: x[i], loras), lora_losses[:, i])
     if bar:
@@ -820,6 +860,29 @@ def _cfg_dict(cfg: DragConfig) -> dict:
         "num_inference_steps": cfg.schedule.num_inference_steps}
 
 
+def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hypers: dict,
+               n_pairs: int) -> tuple[int, dict]:
+    """The largest batch of edits shaped like ``p`` that fits every stage in memory.
+
+    Every stage is compiled at batch 1 (per device) and XLA's ``memory_analysis`` of it split
+    into the shared weights and the per-edit rest (arguments, outputs, temporaries); then
+    batch = ⌊(fraction · device memory − weights) / per-edit⌋ for the most demanding stage,
+    assuming the per-edit part grows linearly with the batch (vmapped stages). Returns (batch
+    per device ≥ 1, {stage: {"shared", "edit"} bytes})."""
+    st = pipe.stages
+    st.measured = {}
+    mesh, st.mesh = st.mesh, None  # measure one device's program
+    try:
+        _run_group(pipe, [p], replace(settings, batch_size=1), cfg, [hypers], False, batch=1, n_pairs=n_pairs)
+        measured = dict(st.measured)
+    finally:
+        st.measured, st.mesh = None, mesh
+    budget = settings.memory_fraction * pipe.device_memory()
+    weights = pipe.weight_bytes()  # resident once, whatever the batch
+    per_edit = max(max(m["edit"] for m in measured.values()), 1)
+    return max(1, int((budget - weights) // per_edit)), measured
+
+
 def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
                settings: EditSettings | None = None, progress: bool = False,
                on_result: Callable[[int, Any], None] | None = None,
@@ -867,9 +930,13 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
     results: list = [None] * len(prepared)
     for key in sorted(groups):
         idx = groups[key]
-        b = min(settings.batch_size, pow2_bucket(len(idx)))
-        b = -(-b // pipe.n_devices) * pipe.n_devices  # an equal share for every device
         n_pairs = pow2_bucket(max(len(prepared[i].handles) for i in idx))
+        limit = settings.batch_size
+        if limit == "auto":
+            per_device, _ = plan_batch(pipe, prepared[idx[0]], settings, cfg, hyp, n_pairs)
+            limit = per_device * pipe.n_devices
+        b = min(limit, pow2_bucket(len(idx)))
+        b = -(-b // pipe.n_devices) * pipe.n_devices  # an equal share for every device
         for s in range(0, len(idx), b):
             chunk = idx[s:s + b]
             hps = [{**hyp, **{k: float(v) for k, v in prepared[i].request.hypers.items()}} for i in chunk]

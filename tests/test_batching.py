@@ -149,3 +149,29 @@ def test_library_compilation_cache(tmp_path, monkeypatch):
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
     finally:
         jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_auto_batch_size_from_compiled_memory(tiny_pipe, monkeypatch):
+    """``batch_size="auto"``: every stage compiled at batch 1, its memory split into weights and
+    a per-edit part; the batch is what fits the device's memory (here a pretend device with room
+    for the weights and 3.5 edits of the most demanding stage → 3)."""
+    from jaxdrag.data import prepare
+    from jaxdrag.drag.methods import resolve
+    from jaxdrag.pipeline import plan_batch
+
+    req = EditRequest(synthetic(96, 128, 1), [(20, 20), (60, 40)], "x")
+    st = EditSettings(lora=LoRASettings(steps=4), batch_size="auto")
+    cfg, hyp = resolve("dragdiffusion", max_iters=ITERS)
+    p = prepare(req, 128, 128)
+    b, measured = plan_batch(tiny_pipe, p, st, cfg, hyp, 1)
+    assert {"lora", "invert", "drag", "denoise", "decode"} <= set(measured)
+    per_edit = max(m["edit"] for m in measured.values())
+    assert measured["lora"]["edit"] > measured["decode"]["edit"] > 0
+    assert b * per_edit <= st.memory_fraction * tiny_pipe.device_memory()
+    room = tiny_pipe.weight_bytes() + 3.5 * per_edit
+    monkeypatch.setattr(type(tiny_pipe), "device_memory", lambda self: int(room / st.memory_fraction))
+    assert plan_batch(tiny_pipe, p, st, cfg, hyp, 1)[0] == 3
+    assert tiny_pipe.stages.measured is None and tiny_pipe.lora_cache is None
+    out = jaxdrag.edit_batch(tiny_pipe, [req] * 2, "dragdiffusion", settings=st, max_iters=ITERS)
+    assert [r.config["batch_size"] for r in out] == [2, 2]  # min(3, the group of 2)
+    assert np.isfinite(out[0].losses).all() and out[0].image.shape == (96, 128, 3)
