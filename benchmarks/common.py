@@ -1,6 +1,8 @@
 """Shared benchmark plumbing: random-weight models of a given config in diffusers/transformers
-(PyTorch) and the identical weights in a jaxdrag Pipeline (converted in memory), FLOP counts from
-the project's reference (PERF.md), timing and memory helpers."""
+(PyTorch) and the identical weights in a jaxdrag Pipeline (converted in memory) — or, torch-free,
+a Pipeline from the project's own initialiser (``jax_random_pipeline``) for machines with only
+jax[cuda] and the runtime dependencies; FLOP counts from the project's reference (PERF.md),
+timing and memory helpers. torch is imported only by the functions that need it."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from dataclasses import replace
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 from jaxdrag import weights
 from jaxdrag.models.clip import SD15_TEXT, CLIPTextModel
@@ -23,7 +24,7 @@ from jaxdrag.models.unet import SD15_UNET, UNet2DConditionModel
 from jaxdrag.models.vae import SD15_VAE, AutoencoderKL
 from jaxdrag.pipeline import Pipeline
 from jaxdrag.precision import policy_for
-from jaxdrag.tiny import TINY_TEXT, TINY_UNET, TINY_VAE
+from jaxdrag.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, random_state
 from jaxdrag.tokenizer import Tokenizer
 
 CONFIGS = {"sd15": (SD15_UNET, SD15_VAE, SD15_TEXT), "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT)}
@@ -51,6 +52,7 @@ def reference_edit_tflop(lora_steps=80, lora_batch=4, inv=35, drag=80, denoise=3
 
 def torch_models(name: str, device, seed: int = 0):
     """(unet, vae, text_encoder) diffusers/transformers models with random weights, fp32, eval."""
+    import torch
     from diffusers import AutoencoderKL as TV, UNet2DConditionModel as TU
     from transformers import CLIPTextConfig, CLIPTextModel as TT
 
@@ -73,19 +75,33 @@ def _state(module) -> dict:
     return {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
 
 
-def jax_pipeline(name: str, unet, vae, text, dtype="auto", attention="auto", lora_rank=16) -> Pipeline:
-    """A jaxdrag Pipeline holding the same weights as the given torch models."""
+def _pipeline(name, states: tuple[dict, dict, dict], label: str, dtype, attention, lora_rank) -> Pipeline:
     ucfg, vcfg, tcfg = CONFIGS[name]
     pol = policy_for(dtype, attention)
     kw = dict(dtype=pol.compute, attn_impl=pol.attention)
     u = weights.load_component(lambda: UNet2DConditionModel(ucfg, lora_rank=lora_rank, **kw),
-                               weights.DictSource(_state(unet), "torch unet"), cfg=ucfg)
-    v = weights.load_component(lambda: AutoencoderKL(vcfg, **kw), weights.DictSource(_state(vae), "torch vae"),
+                               weights.DictSource(states[0], f"{label} unet"), cfg=ucfg)
+    v = weights.load_component(lambda: AutoencoderKL(vcfg, **kw), weights.DictSource(states[1], f"{label} vae"),
                                cfg=vcfg)
-    t = weights.load_component(lambda: CLIPTextModel(tcfg, **kw), weights.DictSource(_state(text), "torch text"),
+    t = weights.load_component(lambda: CLIPTextModel(tcfg, **kw), weights.DictSource(states[2], f"{label} text"),
                                cfg=tcfg, rename=weights.text_model_name)
-    sd = weights.SDComponents(u, v, t, None, f"random {name} (seed 0)")
+    sd = weights.SDComponents(u, v, t, None, f"random {name} ({label})")
     return Pipeline(sd=sd, tokenizer=Tokenizer(), policy=pol)
+
+
+def jax_pipeline(name: str, unet, vae, text, dtype="auto", attention="auto", lora_rank=16) -> Pipeline:
+    """A jaxdrag Pipeline holding the same weights as the given torch models."""
+    return _pipeline(name, (_state(unet), _state(vae), _state(text)), "torch, seed 0", dtype, attention, lora_rank)
+
+
+def jax_random_pipeline(name: str, dtype="auto", attention="auto", lora_rank=16, seed: int = 0) -> Pipeline:
+    """A jaxdrag Pipeline of the named config with random weights from the project's own
+    initialiser (``jaxdrag.tiny.random_state``): no torch, diffusers or transformers needed."""
+    ucfg, vcfg, tcfg = CONFIGS[name]
+    states = (random_state(lambda: UNet2DConditionModel(ucfg), seed),
+              random_state(lambda: AutoencoderKL(vcfg), seed + 1),
+              random_state(lambda: CLIPTextModel(tcfg), seed + 2))
+    return _pipeline(name, states, f"jaxdrag init, seed {seed}", dtype, attention, lora_rank)
 
 
 def timeit(fn, n: int, warmup: int = 1, sync=None) -> dict:
@@ -102,6 +118,8 @@ def timeit(fn, n: int, warmup: int = 1, sync=None) -> dict:
 
 
 def torch_sync(device):
+    import torch
+
     return (lambda r: torch.cuda.synchronize()) if device.type == "cuda" else (lambda r: None)
 
 
@@ -117,10 +135,16 @@ def host_peak_rss_bytes() -> int:
 
 
 def device_info() -> dict:
-    info = {"jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    dev = jax.devices()[0]
+    info = {"jax": jax.__version__, "jax_backend": jax.default_backend(),
+            "torch": torch.__version__ if torch else None,
             "python": platform.python_version(), "machine": platform.machine()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if dev.platform != "cpu":
+        info["gpu" if dev.platform == "gpu" else dev.platform] = dev.device_kind
     else:
         try:
             model = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"], capture_output=True,
@@ -128,7 +152,7 @@ def device_info() -> dict:
         except OSError:
             model = platform.processor()
         info["cpu"] = model
-        info["cpu_threads"] = torch.get_num_threads()
+        info["cpu_threads"] = torch.get_num_threads() if torch else None
     return info
 
 

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# One GPU session's measurements: environment, a tiny smoke run, then the full-size benchmarks.
-# Usage (on a machine with the project's wheels in .whl/ when the image lacks them):
-#   bash benchmarks/gpu_run.sh OUTDIR [steps|edit|all]
+# One accelerator session's measurements, each step one call under 10 minutes that writes its
+# figures as it goes. The default steps need only jax[cuda] (or jax[tpu]) and jaxdrag's runtime
+# dependencies — no torch, diffusers or transformers: full-size SD-1.5 weights come from the
+# project's own random initialiser. The PyTorch side-by-side is the separate, optional step
+# "torch" (needs torch + diffusers + transformers).
+#
+#   bash benchmarks/gpu_run.sh OUTDIR [env|smoke|plan|edit1|edit8|torch|all]   (all = the torch-free steps)
+#
+# Wheels: when the machine lacks the packages, put them in .whl/ (installed to /tmp/site, no index).
+# REMAT=off|blocks|dots picks the remat policy of the batch-8 edit (default dots).
 set -uo pipefail
 out=${1:?output folder}; what=${2:-all}
 mkdir -p "$out"
@@ -12,14 +19,35 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/env.txt"
-python3 -c "import jax, flax, torch, diffusers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, jax.devices())" | tee -a "$out/env.txt"
-if [ "$what" = steps ] || [ "$what" = all ]; then
-  timeout 120 python3 benchmarks/bench_steps.py --model tiny --res 128 --dtype bfloat16 --batch 1 --iters 3 --loop-iters 4 --no-torch 2>&1 | tail -6
-  timeout 420 python3 benchmarks/bench_steps.py --model sd15 --res 512 --dtype bfloat16 --batch 1 8 --iters 5 \
-    --loop-iters 10 --out "$out/gpu_steps.json" 2>&1 | grep -v -i warn | tee "$out/gpu_steps.log" | tail -25
+step() { [ "$what" = "$1" ] || { [ "$what" = all ] && [ "$1" != torch ]; }; }
+run() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  echo "== $name: $*" | tee -a "$out/commands.txt"
+  timeout "$secs" "$@" 2>&1 | grep -v -i warn | tee "$out/$name.log" | tail -20
+}
+if step env; then
+  (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true) | tee "$out/env.txt"
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/env.txt"
 fi
-if [ "$what" = edit ] || [ "$what" = all ]; then
-  timeout 540 python3 benchmarks/bench_edit.py --model sd15 --res 512 --dtype bfloat16 --batch ${BATCHES:-1 8} \
-    ${REMAT:+--remat} --out "$out/gpu_edit.json" 2>&1 | grep -v -i warn | tee "$out/gpu_edit.log" | tail -25
+if step smoke; then
+  run smoke 300 python3 benchmarks/bench_edit.py --model tiny --res 128 --batch 1 --lora-steps 4 --drag-iters 4 \
+    --no-torch --once --out "$out/smoke.json"
+fi
+if step plan; then
+  run plan 570 python3 benchmarks/bench_edit.py --model sd15 --res 512 --dtype bfloat16 --batch --plan \
+    --remat "${REMAT:-dots}" --no-torch --out "$out/gpu_plan.json"
+fi
+if step edit1; then
+  run edit1 570 python3 benchmarks/bench_edit.py --model sd15 --res 512 --dtype bfloat16 --batch 1 --once \
+    --no-torch --out "$out/gpu_edit_b1.json"
+fi
+if step edit8; then
+  run edit8 570 python3 benchmarks/bench_edit.py --model sd15 --res 512 --dtype bfloat16 --batch 8 --once \
+    --remat "${REMAT:-dots}" --no-torch --out "$out/gpu_edit_b8.json"
+fi
+if step torch; then  # optional: the PyTorch reference of the same work, same process and weights
+  run torch_steps 570 python3 benchmarks/bench_steps.py --model sd15 --res 512 --dtype bfloat16 --batch 1 8 \
+    --iters 5 --loop-iters 10 --out "$out/gpu_steps.json"
+  run torch_edit 570 python3 benchmarks/bench_edit.py --model sd15 --res 512 --dtype bfloat16 --batch 1 --once \
+    --out "$out/gpu_edit_torch.json"
 fi

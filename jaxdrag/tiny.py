@@ -52,7 +52,7 @@ def default_weights_dir() -> Path:
     return Path.home() / ".cache" / "jaxdrag" / "weights"
 
 
-def _state(build, seed: int) -> dict:
+def random_state(build, seed: int) -> dict:
     """Deterministic PyTorch-style random init of a network's base parameters, computed with numpy
     from the abstract parameter tree (eager NNX init compiles one small op per distinct shape):
     Linear/Conv kernels and their biases U(±1/√fan_in); norm scales 1 and biases 0; embeddings
@@ -89,9 +89,9 @@ def write_tiny_sd(root: Path, seed: int = 0) -> Path:
     out = Path(root) / SD_NAME
     tmp = Path(root) / f".{SD_NAME}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unet = _state(lambda: UNet2DConditionModel(TINY_UNET), seed)
-    vae = _state(lambda: AutoencoderKL(TINY_VAE), seed + 1)
-    text = _state(lambda: CLIPTextModel(TINY_TEXT), seed + 2)
+    unet = random_state(lambda: UNet2DConditionModel(TINY_UNET), seed)
+    vae = random_state(lambda: AutoencoderKL(TINY_VAE), seed + 1)
+    text = random_state(lambda: CLIPTextModel(TINY_TEXT), seed + 2)
     weights.save_safetensors(unet, tmp / "unet" / "diffusion_pytorch_model.safetensors")
     _write_json(tmp / "unet" / "config.json", TINY_UNET.to_diffusers())
     weights.save_safetensors(vae, tmp / "vae" / "diffusion_pytorch_model.safetensors")
@@ -119,7 +119,7 @@ def write_tiny_clip(root: Path, seed: int = 10) -> Path:
     tmp = Path(root) / f".{CLIP_NAME}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     proj = TINY_CLIP_VISION.projection_dim
-    state = _state(lambda: CLIPModel(TINY_CLIP_TEXT, TINY_CLIP_VISION, proj), seed)
+    state = random_state(lambda: CLIPModel(TINY_CLIP_TEXT, TINY_CLIP_VISION, proj), seed)
     state["logit_scale"] = np.asarray(2.6592, np.float32)
     weights.save_safetensors(state, tmp / "model.safetensors")
     _write_json(tmp / "config.json", {
