@@ -623,7 +623,9 @@ def load_pipeline(path: str | Path, clip: str | Path | None = None, dtype: Any =
     """Load SD-1.x from a diffusers folder or an LDM single ``.safetensors`` file, and optionally
     a CLIP model (HF folder, e.g. openai/clip-vit-base-patch16) for CLIPDrag.
 
-    dtype: compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); parameters stay float32.
+    dtype: compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); matmul/conv kernels are
+    stored in it, every other parameter stays float32. Turns on the persistent compilation cache
+    (``xla_cache``; ``JAXDRAG_COMPILE_CACHE=0`` turns it off).
     lora_rank: rank of the per-edit LoRA (DragDiffusion: 16)."""
     from . import xla_cache
 

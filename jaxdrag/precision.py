@@ -1,7 +1,9 @@
 """The precision policy, in one place.
 
-- Parameters, latents, text embeddings, optimiser states, losses and normalisation statistics are
-  float32 everywhere.
+- LoRA weights, latents, text embeddings, optimiser states, losses, norm scales, biases,
+  embeddings and normalisation statistics are float32 everywhere. The frozen base weights of the
+  matmuls and convolutions are stored once in the dtype their layer computes in
+  (``weights.store_in_compute_dtype``): bfloat16 on accelerators, so no loop body converts them.
 - Activations and matmul/conv inputs use ``Policy.compute`` (float32 on CPU; bfloat16 on GPU/TPU
   by default). Every network's final projection back to latent/pixel space (UNet ``conv_out``,
   VAE ``conv_out``) runs in float32, as maxdiffusion does.
