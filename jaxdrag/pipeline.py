@@ -222,10 +222,6 @@ class _Stages:
         if self.export_platform is not None:
             return self._export(("export", self.export_platform) + key, name, fn, *args)
         exe = self._cache.get(key)
-        if exe is None and self.measured is not None:
-            exe = fn.lower(*args).compile()  # not kept: the planned batch is compiled later
-        if self.measured is not None:
-            return self._measure(name, exe, args)
         if exe is None:
             t0 = time.perf_counter()
             exe = fn.lower(*args).compile()
@@ -234,6 +230,8 @@ class _Stages:
             self.compiles[name] = self.compiles.get(name, 0) + 1
             self.compile_s[name] = self.compile_s.get(name, 0.0) + dt
             self._cache[key] = exe
+        if self.measured is not None:  # plan_batch: kept, it serves a planned batch of 1
+            return self._measure(name, exe, args)
         return exe(*args)
 
     def _measure(self, name, exe, args):
@@ -303,15 +301,14 @@ class Pipeline:
         devices = list(jax.local_devices() if devices is None else devices)
         self.release_compiled()
         if len(devices) <= 1:
-            self.stages.mesh = None
-            return 1
-        mesh = Mesh(np.array(devices), ("edits",))
-        rep = NamedSharding(mesh, P())
+            self.stages.mesh, place = None, (devices or jax.local_devices())[0]
+        else:
+            self.stages.mesh = Mesh(np.array(devices), ("edits",))
+            place = NamedSharding(self.stages.mesh, P())
         for comp in (self.sd.unet, self.sd.vae, self.sd.text_encoder, self.clip):
             if comp is not None:
-                comp.params = jax.device_put(comp.params, rep)
-        self.stages.mesh = mesh
-        return len(devices)
+                comp.params = jax.device_put(comp.params, place)
+        return max(1, len(devices))
 
     def weight_bytes(self) -> int:
         """Bytes of every network's base weights (as stored: bf16 kernels on accelerators)."""
@@ -683,6 +680,8 @@ class EditSettings:
             if 0 < w < 16:
                 raise SettingsError(f"setting width = {w}: must be 0 (keep the input size) or ≥ 16")
             object.__setattr__(self, "width", w)
+        object.__setattr__(self, "memory_fraction", check_number("memory_fraction", self.memory_fraction,
+                                                                 low=0.0, high=1.0, low_open=True))
         if self.batch_size != "auto":
             object.__setattr__(self, "batch_size", check_number("batch_size", self.batch_size, positive=True,
                                                                 integer=True))
@@ -761,7 +760,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
     lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
     cache_keys = [_lora_key(p, settings.lora) for p in group]  # a dummy shares its model's key
-    cache = pipe.lora_cache
+    cache = pipe.lora_cache if pipe.stages.measured is None else None  # plan_batch measures LoRA too
     if cache is not None and all(k in cache for k in cache_keys):
         loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])
         lora_losses = jnp.stack([cache[k][1] for k in cache_keys], axis=1)
@@ -771,7 +770,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     else:
         loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora,
                                    bar.update if bar else None)
-        if cache is not None and pipe.stages.measured is None:
+        if cache is not None:
             for i, k in enumerate(cache_keys[:n_real]):
                 cache[k] = (jax.tree.map(lambda x: x[i], loras), lora_losses[:, i])
     if bar:

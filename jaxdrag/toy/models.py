@@ -76,9 +76,9 @@ def net(build: Callable) -> Net:
 
 def init_params(build: Callable, seed: int) -> nnx.State:
     """PyTorch-style random init (``jaxdrag.tiny``'s initialiser) as a parameter state."""
-    from ..tiny import _state
+    from ..tiny import random_state
 
-    tensors = _state(build, seed)
+    tensors = random_state(build, seed)
     _, _, base = weights.abstract(build)
     return weights.assign(base, {k: (lambda v=v: v) for k, v in tensors.items()},
                           {k: np.shape(v) for k, v in tensors.items()}, label=f"init seed {seed}")
