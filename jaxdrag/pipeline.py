@@ -41,6 +41,11 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 # small pure helpers
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of every array leaf of a pytree (arrays or shape/dtype structs)."""
+    return int(sum(np.prod(np.shape(x)) * jnp.result_type(x).itemsize for x in jax.tree.leaves(tree)))
+
+
 def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) averaging matrix of PyTorch's ``AdaptiveAvgPool`` along one axis:
     row i averages inputs [⌊i·n_in/n_out⌋, ⌈(i+1)·n_in/n_out⌉)."""
@@ -239,7 +244,7 @@ class _Stages:
         one copy whatever the batch), ``edit`` = everything else it needs at this batch
         (other arguments, outputs, temporaries). Returns zeros of its outputs."""
         m = exe.memory_analysis()
-        shared = sum(np.prod(np.shape(x)) * jnp.result_type(x).itemsize for x in jax.tree.leaves(args[0]))
+        shared = tree_bytes(args[0])
         total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
         prev = self.measured.get(name, {"shared": 0, "edit": 0})
         self.measured[name] = {"shared": max(prev["shared"], int(shared)),
@@ -313,7 +318,7 @@ class Pipeline:
     def weight_bytes(self) -> int:
         """Bytes of every network's base weights (as stored: bf16 kernels on accelerators)."""
         comps = [self.sd.unet, self.sd.vae, self.sd.text_encoder] + ([self.clip] if self.clip else [])
-        return int(sum(x.size * x.dtype.itemsize for c in comps for x in jax.tree.leaves(c.params)))
+        return sum(tree_bytes(c.params) for c in comps)
 
     def device_memory(self) -> int:
         """Bytes one device can hold: the accelerator's ``bytes_limit``; on CPU the memory the
@@ -759,7 +764,8 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         bar = tqdm(total=settings.lora.steps, desc=f"LoRA ×{b}", leave=False)
     keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
     lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
-    cache_keys = [_lora_key(p, settings.lora) for p in group]  # a dummy shares its model's key
+    cache_keys = [_lora_key(p, settings.lora) for p in group[:n_real]]
+    cache_keys += cache_keys[:1] * (batch - n_real)  # a dummy is a copy of the first edit
     cache = pipe.lora_cache if pipe.stages.measured is None else None  # plan_batch measures LoRA too
     if cache is not None and all(k in cache for k in cache_keys):
         loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
@@ -132,8 +133,6 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, impl: str =
 
     GPU with 16-bit inputs: cuDNN's fused kernel. CPU, long non-causal sequences (T ≥ 1024, a
     multiple of 128): ``blocked_attention``. Otherwise XLA's einsum-softmax-einsum."""
-    from jax.ad_checkpoint import checkpoint_name
-
     if cudnn_applies(q, impl, k.shape[1]):
         out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     else:

@@ -21,6 +21,7 @@ import math
 from functools import partial
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -167,8 +168,6 @@ class Conv2d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        from jax.ad_checkpoint import checkpoint_name
-
         y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.padding)
         y = checkpoint_name(y, "conv")  # saved by the "dots" remat policy
         if self.bias is not None:
