@@ -42,7 +42,9 @@ def test_partial_batches_and_handle_counts_share_one_program(tiny_pipe):
                              max_iters=ITERS, on_result=lambda i, r: seen.append(i))
     new = {k: v - before.get(k, 0) for k, v in tiny_pipe.stages.compiles.items()}
     assert all(v <= 1 for v in new.values()), new
-    assert new.get("drag", 0) == 1 and new.get("lora", 0) == 1  # batch 4 × 4 slots: not compiled before
+    # the drag loop with 4 handle slots is this test's own (other stages may already exist at batch 4,
+    # e.g. from test_pipeline's batch of three, padded to four: the test must not depend on the order)
+    assert new.get("drag", 0) == 1
     assert sorted(seen) == list(range(5))
     assert [r.name for r in out] == [f"e{i}" for i in range(5)]
     assert [len(r.handles) for r in out] == pairs
