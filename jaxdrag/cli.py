@@ -54,16 +54,21 @@ def _add_drag_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     fields = {f.name: f for f in dataclasses.fields(DragConfig)}
     for key in CONFIG_KEYS:
         typ = {"r_m": int, "r_p": int, "max_iters": int, "max_step": float, "ms_weight": float,
-               "optimize_text": _parse_bool, "use_clip": _parse_bool, "stale_latent_grad": _parse_bool}.get(key, str)
+               "drag_end_step": int, "track_per_step": int, "max_drag_per_track": int,
+               "max_track_no_change": int, "block_steps": int, "end_step": int,
+               "stale_latent_grad": _parse_bool}.get(key, str)
         flags = [f"--{key.replace('_', '-')}"] + (["--steps"] if key == "max_iters" else [])
         g.add_argument(*flags, dest=key, type=typ, default=None,
                        help=f"DragConfig.{key} (default {fields[key].default!r} unless the preset sets it)")
     for key in HYPER_KEYS:
         g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=None, help=f"hyperparameter {key}")
-    p.add_argument("--lora-steps", type=int, default=80)
-    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--lora-steps", type=int, default=None,
+                   help="LoRA steps (default: the method's: 80; GoodDrag 70; FreeDrag, DragNoise 200)")
+    p.add_argument("--lora-lr", type=float, default=None,
+                   help="LoRA learning rate (default: the method's: 5e-4; FreeDrag, DragNoise 2e-4)")
     p.add_argument("--lora-batch", type=int, default=4)
-    p.add_argument("--inversion-strength", type=float, default=0.7)
+    p.add_argument("--inversion-strength", type=float, default=None,
+                   help="DDIM inversion strength (default: the method's: 0.7; GoodDrag 0.75)")
     p.add_argument("--width", type=int, default=None,
                    help="working width (default: the model's native width, 512 for SD-1.5; 0 keeps the input size)")
     p.add_argument("--no-reference-attention", action="store_true",
@@ -81,6 +86,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="SD-1.5 diffusers folder or LDM .safetensors (default: the trained toy model, weights/toy-sd15)")
     p.add_argument("--clip", type=Path, default=None,
                    help="HF CLIP folder (ViT-B/16) for CLIPDrag methods (default with the toy model: weights/toy-clip)")
+    p.add_argument("--vae", type=Path, default=None,
+                   help="a separate VAE (diffusers AutoencoderKL folder or .safetensors file), e.g. GoodDrag's "
+                        "stabilityai/sd-vae-ft-mse; default: the model's own")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on GPU), float32, bfloat16")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -130,7 +138,7 @@ def _load(args, need_clip: bool):
         raise SettingsError(f"method {args.method!r} needs a CLIP model: pass --clip PATH "
                             f"(an HF openai/clip-vit-base-patch16 folder)")
     t0 = time.perf_counter()
-    pipe = load_pipeline(model, clip=clip if need_clip else None, dtype=args.dtype)
+    pipe = load_pipeline(model, clip=clip if need_clip else None, dtype=args.dtype, vae=getattr(args, "vae", None))
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from . import weights
 from .drag import DragConfig, DragHypers, DragNetworks, make_runner
+from .drag.loop import update_budget
 from .models.lora import init_lora, zeros_lora
 from .precision import Policy, policy_for
 from .schedule import DDIM, add_noise, ddim_step, inversion_step
@@ -94,10 +95,12 @@ def to_uint8(images: Array) -> Array:
 @dataclass(frozen=True)
 class LoRASettings:
     """DragDiffusion's defaults (§1.4): rank 16 (fixed when the model is loaded), 80 steps of
-    AdamW (β (0.9, 0.999), weight decay 1e-2, ε 1e-8) at lr 5e-4, batch 4, constant lr."""
+    AdamW (β (0.9, 0.999), weight decay 1e-2, ε 1e-8) at lr 5e-4, batch 4, constant lr.
+    ``steps`` and ``lr`` left None take the method's (GoodDrag 70; FreeDrag, DragNoise 200 at
+    2e-4; ``methods.PIPELINE_DEFAULTS``) when an edit runs."""
 
-    steps: int = 80
-    lr: float = 5e-4
+    steps: int | None = None
+    lr: float | None = None
     batch: int = 4
     weight_decay: float = 1e-2
     chunk: int = 10  # steps per compiled call (progress granularity)
@@ -108,8 +111,11 @@ class LoRASettings:
     def __post_init__(self):
         from .errors import check_number
 
-        object.__setattr__(self, "steps", check_number("lora_steps", self.steps, nonnegative=True, integer=True))
-        object.__setattr__(self, "lr", check_number("lora_lr", self.lr, positive=True))
+        if self.steps is not None:
+            object.__setattr__(self, "steps", check_number("lora_steps", self.steps, nonnegative=True,
+                                                           integer=True))
+        if self.lr is not None:
+            object.__setattr__(self, "lr", check_number("lora_lr", self.lr, positive=True))
         object.__setattr__(self, "batch", check_number("lora_batch", self.batch, positive=True, integer=True))
         object.__setattr__(self, "weight_decay", check_number("lora_weight_decay", self.weight_decay,
                                                               nonnegative=True))
@@ -520,23 +526,42 @@ class Pipeline:
         return self.stages("invert", fn, self.sd.unet.params, loras, z0, ctx)
 
     def denoise(self, loras, z_src: Array, z_edit: Array, c_src: Array, c_edit: Array,
-                strength: float, reference: bool = True) -> Array:
+                strength: float, reference: bool = True, *, start: Array | None = None,
+                mid: Array | None = None, mid_steps: int = 0) -> Array:
         """Denoise the pair [z*, ẑ] from t* to 0 (§1.5): the source branch on the original text
         embedding, the edited branch on the optimised one, both with the edit's LoRA; with
         ``reference`` the last six decoder self-attentions of both rows attend to the source
-        row's keys/values. Returns the edited branch's final latent (B, h, w, 4)."""
-        ts = jnp.asarray(self.schedule.denoise_timesteps(strength), jnp.int32)
+        row's keys/values. Returns the edited branch's final latent (B, h, w, 4).
 
-        def one(params, lora, zs, ze, cs, ce):
+        start (B,) int: per edit, the number of the K = round(50·strength) steps already taken
+        (GoodDrag's drag phase denoises its first steps itself; the pair is then at t_start).
+        mid (B, h', w', C): DragNoise's optimised bottleneck, replacing the mid-block output of
+        both rows during the first ``mid_steps`` of the K steps."""
+        ts = jnp.asarray(self.schedule.denoise_timesteps(strength), jnp.int32)
+        n_steps = len(ts)
+        b = z_src.shape[0]
+        start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+        with_mid = mid is not None
+        mid = jnp.zeros((b, 1), jnp.float32) if mid is None else mid
+
+        def one(params, lora, zs, ze, cs, ce, s0, h):
             ctx = jnp.stack([cs, ce])
 
-            def body(z, t):
-                eps = self.unet_apply(params, lora, z, t, ctx, reference=reference)[0]
-                return ddim_step(self.schedule, z, eps, t), None
-            return jax.lax.scan(body, jnp.stack([zs, ze]), ts)[0][1]
+            def body(z, k):
+                t = ts[k]
+                plain = self.unet_apply(params, lora, z, t, ctx, reference=reference)[0]
+                eps = plain
+                if with_mid:
+                    inj = self.unet_apply(params, lora, z, t, ctx, reference=reference,
+                                          mid_override=jnp.stack([h, h]))[0]
+                    eps = jnp.where(k < mid_steps, inj, plain) if mid_steps < n_steps else inj
+                return jnp.where(k >= s0, ddim_step(self.schedule, z, eps, t), z), None
+            return jax.lax.scan(body, jnp.stack([zs, ze]), jnp.arange(n_steps))[0][1]
 
-        fn = self._j(("denoise", strength, reference), jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0)))
-        return self.stages("denoise", fn, self.sd.unet.params, loras, z_src, z_edit, c_src, c_edit)
+        fn = self._j(("denoise", strength, reference, with_mid, mid_steps),
+                     jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0)))
+        return self.stages("denoise", fn, self.sd.unet.params, loras, z_src, z_edit, c_src, c_edit,
+                           start, mid)
 
     def generate(self, prompts: Sequence[str], *, seed: int = 0, guidance_scale: float = 7.5,
                  steps: int | None = None, negative_prompt: str = "",
@@ -598,7 +623,17 @@ class Pipeline:
                 img = self.vae_decode_apply(shared["vae"], x0[None])
                 return self.clip_image_apply(shared["clip"], img, clip_double_unit_map)[0]
 
-            self._jit[key] = DragNetworks(features, clip_image if self.clip is not None else None)
+            def features_mid(shared, edit, z, c, t, h):
+                eps, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None], mid_override=h[None],
+                                            remat=remat)
+                return eps[0].astype(jnp.float32), taps["up"][fb][0].astype(jnp.float32)
+
+            def bottleneck(shared, edit, z, c, t):
+                _, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None])
+                return taps["mid"][0].astype(jnp.float32)
+
+            self._jit[key] = DragNetworks(features, clip_image if self.clip is not None else None,
+                                          features_mid, bottleneck)
         return self._jit[key]
 
     def drag_runner(self, cfg: DragConfig, clip_double_unit_map: bool = False, progress: bool = False,
@@ -621,19 +656,23 @@ class Pipeline:
 
 
 def load_pipeline(path: str | Path, clip: str | Path | None = None, dtype: Any = "auto", *,
-                  attention: str = "auto", lora_rank: int = 16) -> Pipeline:
+                  attention: str = "auto", lora_rank: int = 16, vae: str | Path | None = None) -> Pipeline:
     """Load SD-1.x from a diffusers folder or an LDM single ``.safetensors`` file, and optionally
     a CLIP model (HF folder, e.g. openai/clip-vit-base-patch16) for CLIPDrag.
 
     dtype: compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); matmul/conv kernels are
     stored in it, every other parameter stays float32. Turns on the persistent compilation cache
     (``xla_cache``; ``JAXDRAG_COMPILE_CACHE=0`` turns it off).
-    lora_rank: rank of the per-edit LoRA (DragDiffusion: 16)."""
+    lora_rank: rank of the per-edit LoRA (DragDiffusion: 16). vae: a separate VAE replacing the
+    model's for encoding, LoRA training and decoding (GoodDrag uses ``sd-vae-ft-mse``;
+    ``weights.load_vae``)."""
     from . import xla_cache
 
     xla_cache.enable()
     policy = policy_for(dtype, attention)
     sd = weights.load_sd(path, dtype=policy.compute, attn_impl=policy.attention, lora_rank=lora_rank)
+    if vae is not None:
+        sd.vae = weights.load_vae(vae, dtype=policy.compute, attn_impl=policy.attention, like=sd.vae.cfg)
     tok = Tokenizer(sd.tokenizer_dir)
     clip_comp = clip_tok = None
     if clip is not None:
@@ -652,8 +691,10 @@ class EditSettings:
     """Pipeline-level settings of an edit (the drag loop's are the method preset + overrides).
 
     width: working width (None: the model's native width, 512 for SD-1.5 — the reference UI's
-    resize; 0: keep the input size). inversion_strength 0.7 → 35 DDIM steps, t* = 681.
-    reference_attention: mutual self-attention in the final denoise (MasaCtrl, on by default).
+    resize; 0: keep the input size). inversion_strength: None = the method's (0.7 → 35 DDIM
+    steps, t* = 681; GoodDrag 0.75 → t* = 741). ``lora`` fields left None are the method's too.
+    reference_attention: mutual self-attention in the final denoise (MasaCtrl, on by default;
+    DragNoise never uses it).
     clip_double_unit_map: reproduce CLIPDrag's double [0, 1] mapping of the CLIP input (QUIRK).
     remat: the drag step's rematerialisation policy ("off" | "blocks" | "dots"; LoRA training
     has its own, ``lora.remat``). batch_size: edits per vmapped batch, or "auto": the largest
@@ -662,7 +703,7 @@ class EditSettings:
 
     method: str = "dragtext"
     width: int | None = None
-    inversion_strength: float = 0.7
+    inversion_strength: float | None = None
     lora: LoRASettings = LoRASettings()
     reference_attention: bool = True
     clip_double_unit_map: bool = False
@@ -675,11 +716,12 @@ class EditSettings:
 
         object.__setattr__(self, "remat", _check_remat("remat", self.remat))
 
-        s = check_number("inversion_strength", self.inversion_strength, low=0.0, high=1.0, low_open=True)
-        if round(s * 50) < 1:
-            raise SettingsError(f"setting inversion_strength = {s!r}: must give at least one of the 50 DDIM "
-                                f"steps (≥ 0.01)")
-        object.__setattr__(self, "inversion_strength", s)
+        if self.inversion_strength is not None:
+            s = check_number("inversion_strength", self.inversion_strength, low=0.0, high=1.0, low_open=True)
+            if round(s * 50) < 1:
+                raise SettingsError(f"setting inversion_strength = {s!r}: must give at least one of the 50 "
+                                    f"DDIM steps (≥ 0.01)")
+            object.__setattr__(self, "inversion_strength", s)
         if self.width is not None:
             w = check_number("width", self.width, nonnegative=True, integer=True)
             if 0 < w < 16:
@@ -690,6 +732,17 @@ class EditSettings:
         if self.batch_size != "auto":
             object.__setattr__(self, "batch_size", check_number("batch_size", self.batch_size, positive=True,
                                                                 integer=True))
+
+
+    def for_method(self, method: str) -> "EditSettings":
+        """These settings with every field left None filled from ``method``'s defaults."""
+        from .drag.methods import pipeline_defaults
+
+        d = pipeline_defaults(method)
+        lora = replace(self.lora, steps=d["lora_steps"] if self.lora.steps is None else self.lora.steps,
+                       lr=d["lora_lr"] if self.lora.lr is None else self.lora.lr)
+        inv = d["inversion_strength"] if self.inversion_strength is None else self.inversion_strength
+        return replace(self, method=method, lora=lora, inversion_strength=inv)
 
 
 def _pad_points(arrs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -787,6 +840,9 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     h0, mask = _pad_points([p.handles for p in group], n)
     tg, _ = _pad_points([p.targets for p in group], n)
     keep = np.stack([p.keep for p in group])
+    if cfg.background == "always":  # GoodDrag, DragNoise: no mask drawn → the whole image is kept
+        keep = np.stack([p.keep if p.request.mask is not None and np.any(p.request.mask) else np.ones_like(p.keep)
+                         for p in group])
     t_star = int(pipe.schedule.timesteps[pipe.schedule.start_index(settings.inversion_strength)])
     hyp = DragHypers(*(jnp.asarray([hp[k] for hp in hypers], jnp.float32) for k in DragHypers._fields))
 
@@ -794,7 +850,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     cb = None
     if progress:
         from tqdm import tqdm
-        dbar = tqdm(total=cfg.max_iters, desc=f"drag ×{b}", leave=False)
+        dbar = tqdm(total=update_budget(cfg), desc=f"drag ×{b}", leave=False)
 
         def cb(it, done):
             dbar.n = int(np.max(np.asarray(it)))
@@ -814,13 +870,15 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         pipe.progress_relay.target = None
     if dbar:
         dbar.close()
-    z_edit = timed("denoise", pipe.denoise, loras, zt, state.z, c0, state.c, settings.inversion_strength,
-                   settings.reference_attention)
+    z_edit = timed("denoise", _final_denoise, pipe, cfg, settings, loras, zt, c0, inputs, state)
     work_hw = group[0].image.shape[:2]
     out = np.asarray(timed("decode", pipe.decode_to_uint8, z_edit, work_hw))
     compile_s = dict(pipe.stages.last_compile_s)
 
     st = jax.tree.map(np.asarray, state)
+    reached = st.reached if cfg.host == "gooddrag" else st.done
+    if cfg.host == "freedrag":
+        reached = np.all(np.asarray(state.sign), axis=-1)
     results = []
     for i, p in enumerate(group[:n_real]):
         img = out[i]
@@ -854,11 +912,30 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
             name=p.request.name, image=img, failure=failure,
             handles=p.to_pixels(st.handles[i, :k]), targets=p.to_pixels(p.targets),
             initial_handles=p.to_pixels(p.handles), trajectory=p.to_pixels(st.traj[i, :max(n_traj, 1), :k]),
-            iterations=int(st.it[i]), reached=bool(st.done[i]),
+            iterations=int(st.it[i]), reached=bool(reached[i]),
             losses=[float(v) for v in st.losses[i, :int(st.it[i])]],
             timings={**timings, **{f"compile_{k_}": v for k_, v in compile_s.items()}},
             config=config))
     return results
+
+
+def _final_denoise(pipe: Pipeline, cfg: DragConfig, settings: EditSettings, loras, zt, c0, inputs, state):
+    """The denoising after the drag, per host: the pair [z*, ẑ] on [c, ĉ] with mutual
+    self-attention (DragDiffusion, CLIPDrag, FreeDrag); GoodDrag from where its drag phase
+    stopped, the source branch from the original trajectory there; DragNoise from [z*, z*] with
+    the optimised bottleneck in both rows for the first K − end_step steps, without mutual
+    self-attention (§7)."""
+    strength = settings.inversion_strength
+    if cfg.host == "gooddrag":
+        _, pre = inputs
+        z_src = jnp.take_along_axis(pre.zs, state.j[:, None, None, None, None], axis=1)[:, 0]
+        return pipe.denoise(loras, z_src, state.z, c0, state.c_out, strength, settings.reference_attention,
+                            start=state.j)
+    if cfg.host == "dragnoise":
+        k = round(strength * pipe.schedule.num_inference_steps)
+        return pipe.denoise(loras, zt, zt, c0, state.c, strength, False, mid=state.z,
+                            mid_steps=max(0, k - cfg.end_step))
+    return pipe.denoise(loras, zt, state.z, c0, state.c, strength, settings.reference_attention)
 
 
 def _cfg_dict(cfg: DragConfig) -> dict:
@@ -908,11 +985,11 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
     request's own ``hypers`` override the continuous ones for that edit. Raises RequestError
     naming the first bad request."""
     from . import data as io
-    from .drag.methods import HYPER_KEYS, check_hypers, resolve
+    from .drag.methods import HYPER_KEYS, check_hypers, resolve, valid_settings
     from .errors import SettingsError
 
-    settings = replace(settings or EditSettings(), method=method)
     cfg, hyp = resolve(method, **overrides)
+    settings = (settings or EditSettings()).for_method(method)
     if cfg.use_clip:
         pipe._need_clip()
     native = pipe.native_width
@@ -923,9 +1000,11 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
             raise io.RequestError(f"request {len(prepared)}: expected an EditRequest, got {type(r).__name__}")
         if not isinstance(r.hypers, dict):
             raise io.RequestError(f"{r.name}: hypers must be a dict of hyperparameters, got {type(r.hypers).__name__}")
-        bad = [k for k in r.hypers if k not in HYPER_KEYS]
+        usable = [k for k in valid_settings(method) if k in HYPER_KEYS]
+        bad = [k for k in r.hypers if k not in usable]
         if bad:
-            raise io.RequestError(f"{r.name}: unknown hyperparameter(s) {bad}; valid: {', '.join(HYPER_KEYS)}")
+            raise io.RequestError(f"{r.name}: hyperparameter(s) {bad} not used by method {method!r}; "
+                                  f"valid: {', '.join(usable)}")
         try:
             check_hypers(r.hypers)
         except SettingsError as e:

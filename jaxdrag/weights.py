@@ -614,6 +614,35 @@ def to_ldm_single_file(unet: Mapping[str, np.ndarray], vae: Mapping[str, np.ndar
 # whole models
 
 
+def load_vae(path: str | Path, *, dtype, attn_impl="auto", like=None) -> Component:
+    """A separate VAE (GoodDrag's ``stabilityai/sd-vae-ft-mse``): a diffusers AutoencoderKL folder
+    (``config.json`` + weights), or a ``.safetensors`` file in LDM names (``encoder.down.0…``,
+    optionally under ``first_stage_model.``, as ``vae-ft-mse-840000-ema-pruned.safetensors``) or
+    diffusers names, read with ``like``'s config (the model's own VAE config; SD-1.5's if None)."""
+    from .models.vae import SD15_VAE, AutoencoderKL
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise WeightsError(f"{path}: not a diffusers VAE folder (no config.json)")
+        return load_diffusers_vae(path, dtype=dtype, attn_impl=attn_impl)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such VAE folder or file")
+    if path.suffix != ".safetensors":
+        raise WeightsError(f"{path}: a VAE file must be .safetensors (PyTorch pickles are not read)")
+    cfg = like or SD15_VAE
+    src = TensorSource([path])
+    keys = set(src.keys())
+    vae_abs = abstract(lambda: AutoencoderKL(cfg, dtype=dtype, attn_impl=attn_impl))
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
+        return load_component(lambda: AutoencoderKL(cfg, dtype=dtype, attn_impl=attn_impl), src, cfg=cfg,
+                              rename=_new_vae_name)
+    prefix = LDM_VAE if any(k.startswith(LDM_VAE) for k in keys) else ""
+    vae_map = {ldm_vae_key(k, len(cfg.block_out_channels)): k for k in key_table(vae_abs[2])}
+    view = _PrefixView(src, prefix, vae_map, f"{path} [VAE]")
+    return _fill(vae_abs, cfg, view)
+
+
 @dataclass
 class SDComponents:
     unet: Component

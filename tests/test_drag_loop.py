@@ -154,10 +154,21 @@ def test_no_recompilation_for_new_values():
 
 
 def test_config_errors_name_the_setting():
-    with pytest.raises(ValueError, match="unknown method 'dragnoise'"):
-        resolve("dragnoise")
-    with pytest.raises(ValueError, match=r"unknown drag setting\(s\) \['lr'\]"):
+    with pytest.raises(ValueError, match="unknown method 'dragnose'; choose one of dragdiffusion, dragtext"):
+        resolve("dragnose")
+    with pytest.raises(ValueError, match=r"unknown drag setting\(s\) \['lr'\]; valid for dragtext: r_m, r_p"):
         resolve("dragtext", lr=0.1)
+    # a setting of another method: named, with the method's own list
+    with pytest.raises(ValueError, match=r"setting\(s\) not used by method 'dragdiffusion' \['text_lam'\]; "
+                                         r"valid for dragdiffusion: r_m, r_p, max_step, ms_reference, ms_weight, "
+                                         r"tracking, max_iters, background, bg_reduction, latent_lr, lam$"):
+        resolve("dragdiffusion", text_lam=0.2)
+    with pytest.raises(ValueError, match=r"not used by method 'gooddrag' \['max_iters'\].*track_per_step"):
+        resolve("gooddrag", max_iters=10)
+    with pytest.raises(ValueError, match=r"not used by method 'freedrag\+dragtext' \['fuse_weight'\]"):
+        resolve("freedrag+dragtext", fuse_weight=0.3)
+    with pytest.raises(ValueError, match=r"setting d_max = -1: must be > 0"):
+        resolve("freedrag", d_max=-1)
     with pytest.raises(ValueError, match="tracking must be 'nearest' or 'fast'"):
         resolve("dragtext", tracking="slow")
     cfg, hyp = resolve("clipdrag", max_iters=800, fuse_weight=0.3, fusion="code")

@@ -43,8 +43,9 @@ import optax
 
 from ..schedule import DDIM, ddim_step, predict_x0
 from .fusion import RULES, fuse
-from .losses import (STOP_DISTANCE, background_loss, clip_loss, motion_supervision, reference_patches,
-                     text_regularizer, upsample_features)
+from .losses import (STOP_DISTANCE, background_loss, background_weight, clip_loss, motion_supervision,
+                     reference_patches, upsample_features)
+from .text import text_cotangent, text_gradient, text_loss, text_step
 from .tracking import templates, track
 
 Array = jax.Array
@@ -56,6 +57,13 @@ class DragNetworks:
 
     features: Callable
     clip_image: Callable | None = None
+    # DragNoise: features_mid(shared, edit, z, c, t, h) is ``features`` with the mid-block output
+    # replaced by h; bottleneck(shared, edit, z, c, t) -> h (the mid-block output)
+    features_mid: Callable | None = None
+    bottleneck: Callable | None = None
+
+
+HOSTS = ("dragdiffusion", "dragnoise", "gooddrag", "freedrag")
 
 
 @dataclass(frozen=True)
@@ -66,13 +74,25 @@ class DragConfig:
     r_p: int = 3                    # tracking window radius r2
     max_step: float = 1.0           # β: step length min(β, distance); 1 = DragDiffusion's unit step
     ms_reference: str = "current"   # "current" (DragDiffusion) | "initial" (CLIPDrag, GoodDrag)
-    ms_weight: float | None = None  # None = (2r1+1)²
+    ms_weight: float | None = None  # None = (2r1+1)² (GoodDrag: (2r1)²)
     tracking: str = "nearest"       # "nearest" | "fast" (CLIPDrag)
     max_iters: int = 80
     optimize_text: bool = False     # DragText
     use_clip: bool = False          # CLIPDrag's global gradient and fusion
     fusion: str = "paper"           # "paper" | "code" | "project"
-    stale_latent_grad: bool = False  # reproduce DragText's stale latent gradient (QUIRK)
+    stale_latent_grad: bool = False  # reproduce DragText's / FreeDrag's stale latent gradient (QUIRK)
+    host: str = "dragdiffusion"     # the drag algorithm: see HOSTS (CLIPDrag runs on "dragdiffusion")
+    background: str = "masked"      # "masked": no mask drawn → no background term; "always": whole image
+    bg_reduction: str = "sum"       # background L1 reduction over the latent: "sum" | "mean" (FreeDrag)
+    # GoodDrag (§5): drag over the first ``drag_end_step`` timesteps, ``track_per_step`` trackings
+    # per timestep, tracking after every ``max_drag_per_track`` motion-supervision steps, early
+    # stop after ``max_track_no_change`` trackings that moved no handle
+    drag_end_step: int = 7
+    track_per_step: int = 10
+    max_drag_per_track: int = 3
+    max_track_no_change: int = 5
+    block_steps: int = 5            # FreeDrag (§6): Adam steps per line-search block
+    end_step: int = 0               # DragNoise (§7): inject h while the step index < 50 − end_step
     sup_hw: tuple[int, int] = (256, 256)  # supervision resolution (h_s, w_s) = (H//2, W//2)
     schedule: DDIM = field(default_factory=DDIM)
 
@@ -83,9 +103,15 @@ class DragConfig:
             raise ValueError(f"tracking must be 'nearest' or 'fast', got {self.tracking!r}")
         if self.fusion not in RULES:
             raise ValueError(f"fusion must be one of {RULES}, got {self.fusion!r}")
-        for name in ("r_m", "r_p", "max_iters"):
-            if int(getattr(self, name)) < (0 if name != "max_iters" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, allowed in (("host", HOSTS), ("background", ("masked", "always")),
+                              ("bg_reduction", ("sum", "mean"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("r_m", "r_p", "max_iters", "drag_end_step", "track_per_step", "max_drag_per_track",
+                     "max_track_no_change", "block_steps", "end_step"):
+            low = 0 if name in ("r_m", "r_p", "end_step") else 1
+            if int(getattr(self, name)) < low:
+                raise ValueError(f"{name} must be ≥ {low}, got {getattr(self, name)}")
         if self.max_step <= 0:
             raise ValueError(f"max_step must be > 0, got {self.max_step}")
 
@@ -99,12 +125,16 @@ class DragHypers(NamedTuple):
     text_lam: Array     # DragText λ_t
     fuse_weight: Array  # CLIPDrag fusion λ
     clip_coef: Array    # CLIPDrag κ
+    drag_loss_threshold: Array  # GoodDrag: also track once L_drag ≤ threshold·(2r1)²
+    l_expected: Array   # FreeDrag: expected feature distance L of the line search
+    d_max: Array        # FreeDrag: longest line-search step (supervision px)
 
     @classmethod
     def make(cls, latent_lr=0.01, text_lr=0.004, lam=0.1, text_lam=0.1, fuse_weight=0.7,
-             clip_coef=300.0) -> "DragHypers":
+             clip_coef=300.0, drag_loss_threshold=0.0, l_expected=1.0, d_max=5.0) -> "DragHypers":
         return cls(*(jnp.asarray(v, jnp.float32) for v in
-                     (latent_lr, text_lr, lam, text_lam, fuse_weight, clip_coef)))
+                     (latent_lr, text_lr, lam, text_lam, fuse_weight, clip_coef, drag_loss_threshold,
+                      l_expected, d_max)))
 
 
 class DragInputs(NamedTuple):
@@ -153,17 +183,19 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Ar
     """The loop's constants and initial state for one edit (no network call: F0 and Φ(z*) are
     filled in by the first iteration's forward)."""
     eps_s, f_s = jax.eval_shape(lambda: nets.features(shared, edit, z0, c0, t_star))
+    # the optimised variable: z* itself, or DragNoise's bottleneck h = mid-block output at (z*, c)
+    v0 = nets.bottleneck(shared, edit, z0, c0, t_star) if cfg.host == "dragnoise" else z0
     n = handles0.shape[0]
     ch = f_s.shape[-1]
     ref_shape = (n, 2 * cfg.r_m + 1, 2 * cfg.r_m + 1, ch) if cfg.ms_reference == "initial" else (n, 0)
     inputs = DragInputs(z0, c0, handles0, targets, mask, keep, token_mask, clip_text,
                         jnp.asarray(t_star, jnp.int32), hypers)
     state = DragState(
-        z=z0, c=c0, eps0=jnp.zeros(eps_s.shape, jnp.float32), tmpl=jnp.zeros((n, ch), jnp.float32),
-        ref=jnp.zeros(ref_shape, jnp.float32), opt_z=_ADAM.init(z0), opt_c=_ADAM.init(c0),
+        z=v0, c=c0, eps0=jnp.zeros(eps_s.shape, jnp.float32), tmpl=jnp.zeros((n, ch), jnp.float32),
+        ref=jnp.zeros(ref_shape, jnp.float32), opt_z=_ADAM.init(v0), opt_c=_ADAM.init(c0),
         handles=handles0, it=jnp.int32(0), done=jnp.bool_(False),
         traj=jnp.zeros((cfg.max_iters + 1, n, 2), jnp.float32).at[0].set(handles0),
-        losses=jnp.full((cfg.max_iters,), jnp.nan, jnp.float32), stale=jnp.zeros_like(z0),
+        losses=jnp.full((cfg.max_iters,), jnp.nan, jnp.float32), stale=jnp.zeros_like(v0),
         failed=jnp.bool_(False), fail_it=jnp.int32(0), fail_what=jnp.int32(0))
     return inputs, state
 
@@ -173,7 +205,14 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     hp = inp.hypers
     sched = cfg.schedule
     t = inp.t_star
-    (eps, f_lat), vjp = jax.vjp(lambda z, c: nets.features(shared, edit, z, c, t), st.z, st.c)
+    dragnoise = cfg.host == "dragnoise"
+    if dragnoise:  # the variable is the bottleneck h; z stays z*
+        def forward(v, c):
+            return nets.features_mid(shared, edit, inp.z0, c, t, v)
+    else:
+        def forward(v, c):
+            return nets.features(shared, edit, v, c, t)
+    (eps, f_lat), vjp = jax.vjp(forward, st.z, st.c)
     f = upsample_features(f_lat, cfg.sup_hw)
     fwd_ok = jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(f_lat))
 
@@ -190,19 +229,22 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     reached = ~jnp.any(active)
 
     ref = dict(ref_patches=ref_p, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
-    def local_loss(z, e, fl):
+    lam = background_weight(cfg, hp.lam, inp.z0)
+
+    def local_loss(v, e, fl):
         ms = motion_supervision(upsample_features(fl, cfg.sup_hw), handles, inp.targets, inp.mask,
                                 r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, **ref)
         # Φ(z) − Φ(z*) = Φ(z − z*, ε − ε*) (Φ is linear): exactly 0 where nothing changed,
-        # in particular everywhere at k = 0, as in the reference
-        return ms + background_loss(ddim_step(sched, z - inp.z0, e - eps0, t), inp.keep, hp.lam)
+        # in particular everywhere at k = 0, as in the reference (DragNoise: z = z*)
+        dz = jnp.zeros_like(inp.z0) if dragnoise else v - inp.z0
+        return ms + background_loss(ddim_step(sched, dz, e - eps0, t), inp.keep, lam)
 
     loss, (gz_local, geps_local, gf_local) = jax.value_and_grad(local_loss, argnums=(0, 1, 2))(
         st.z, eps, f_lat)
     cotangents = [(geps_local, gf_local)]
     if cfg.optimize_text:
-        # ∇_ĉ(L + L_text) with L_text = L_ms + n·λ_t·reg: (∂/∂ε, ∂/∂F) = (∂L_bg/∂ε, 2 ∂L_ms/∂F)
-        cotangents.append((geps_local, 2.0 * gf_local))
+        # ∇_ĉ(L + L_text) with L_text = L_ms + n·λ_t·reg; ∂L/∂F = ∂L_ms/∂F
+        cotangents.append(text_cotangent(geps_local, gf_local, gf_local))
     if cfg.use_clip:
         def global_loss(z, e):
             return clip_loss(nets.clip_image(shared, predict_x0(sched, z, e, t)), inp.clip_text,
@@ -222,9 +264,8 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     stale = st.stale
     if cfg.optimize_text:
         n_active = jnp.sum(active).astype(jnp.float32)
-        g_reg = jax.grad(text_regularizer)(st.c, inp.c0, inp.token_mask, n_active * hp.text_lam)
-        g_text = vc[1] + g_reg
-        loss = loss + n_active * text_regularizer(st.c, inp.c0, inp.token_mask, hp.text_lam)
+        g_text = text_gradient(vc[1], st.c, inp.c0, inp.token_mask, n_active * hp.text_lam)
+        loss = loss + text_loss(st.c, inp.c0, inp.token_mask, n_active * hp.text_lam)
         if cfg.stale_latent_grad:
             g_local = g_local + st.stale
             stale = vz[1] - vz[0]  # ∇_z L_ms of this iteration, left in z.grad by the reference
@@ -235,8 +276,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     upd_z, opt_z = _ADAM.update(g_z, st.opt_z)
     z_new = st.z - hp.latent_lr * upd_z
     if cfg.optimize_text:
-        upd_c, opt_c = _ADAM.update(g_text, st.opt_c)
-        c_new = st.c - hp.text_lr * upd_c
+        c_new, opt_c = text_step(st.c, st.opt_c, g_text, hp.text_lr)
     else:
         opt_c, c_new = st.opt_c, st.c
 
@@ -290,12 +330,33 @@ def prepare_batch(nets, cfg, shared, edits, *args):
     return jax.vmap(lambda e, *a: prepare(nets, cfg, shared, e, *a))(edits, *args)
 
 
+def update_budget(cfg: DragConfig) -> int:
+    """The most latent updates a run of ``cfg`` can make (the length of its loss record)."""
+    if cfg.host == "gooddrag":
+        return cfg.drag_end_step * cfg.track_per_step * cfg.max_drag_per_track
+    return cfg.max_iters
+
+
+def host_functions(cfg: DragConfig) -> tuple[Callable, Callable]:
+    """(prepare, run) of the drag algorithm ``cfg.host``: this module's loop for DragDiffusion,
+    CLIPDrag and DragNoise, ``gooddrag`` and ``freedrag`` for theirs."""
+    if cfg.host == "gooddrag":
+        from . import gooddrag as m
+        return m.prepare, m.run
+    if cfg.host == "freedrag":
+        from . import freedrag as m
+        return m.prepare, m.run
+    return prepare, run
+
+
 def make_runner(nets: DragNetworks, cfg: DragConfig, progress=None, donate: bool = True):
-    """jit(prepare_batch) and jit(run) for fixed networks/config: ``(prep, loop)`` with
-    ``prep(shared, edits, z0, c0, handles0, targets, mask, keep, token_mask, clip_text, t_star,
-    hypers)`` and ``loop(shared, edits, inputs, state)``. The state buffers are donated."""
-    prep = jax.jit(lambda shared, edits, *a: prepare_batch(nets, cfg, shared, edits, *a))
-    loop = jax.jit(lambda shared, edits, inputs, state: run(nets, cfg, shared, edits, inputs, state,
-                                                            progress),
+    """jit(prepare_batch) and jit(run) for fixed networks/config and ``cfg.host``: ``(prep, loop)``
+    with ``prep(shared, edits, z0, c0, handles0, targets, mask, keep, token_mask, clip_text, t_star,
+    hypers) -> (inputs, state)`` and ``loop(shared, edits, inputs, state)``. The state buffers are
+    donated."""
+    prep_one, run_fn = host_functions(cfg)
+    prep = jax.jit(lambda shared, edits, *a: jax.vmap(lambda e, *b: prep_one(nets, cfg, shared, e, *b))(edits, *a))
+    loop = jax.jit(lambda shared, edits, inputs, state: run_fn(nets, cfg, shared, edits, inputs, state,
+                                                               progress),
                    donate_argnums=(3,) if donate else ())
     return prep, loop

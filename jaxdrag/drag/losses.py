@@ -159,6 +159,12 @@ def background_loss(dphi: Array, keep: Array, lam) -> Array:
     return lam * jnp.sum(l1(dphi) * keep)
 
 
+def background_weight(cfg, lam, latent: Array):
+    """λ for ``background_loss``: as given for the sum reduction (DragDiffusion, GoodDrag, DragNoise,
+    CLIPDrag), λ / (number of latent entries) for FreeDrag's mean (``cfg.bg_reduction == "mean"``)."""
+    return lam / latent.size if cfg.bg_reduction == "mean" else lam
+
+
 def text_regularizer(c: Array, c0: Array, token_mask: Array, lam_text) -> Array:
     """DragText's λ_t · Σ_{j<P, d} |ĉ_jd − c_jd|: L1 sum over BOS + prompt tokens.
     token_mask: (77,) float, 1 for the first P positions."""

@@ -1,4 +1,8 @@
-"""Method presets with the reference defaults (ALGORITHMS.md §2.1, §3, §4.2, §8), overridable.
+"""Method presets with the reference defaults (ALGORITHMS.md §2.1, §3, §4.2, §5–§8), overridable.
+
+Ten methods: four hosts (DragDiffusion, GoodDrag, FreeDrag, DragNoise) with and without DragText,
+and CLIPDrag with and without DragText. A method reads only its host's settings
+(``valid_settings``); others are rejected with that list.
 
 A preset is a ``DragConfig`` (static structure) plus ``DragHypers`` defaults (continuous values).
 ``resolve(method, **overrides)`` applies overrides by name to whichever of the two holds the key
@@ -21,36 +25,96 @@ from typing import Any
 from ..errors import SettingsError, check_number
 from .loop import DragConfig, DragHypers
 
+_TEXT = dict(optimize_text=True)
+_TEXT_HYP = dict(text_lr=0.004, text_lam=0.1)
+_DD = dict(r_m=1, r_p=3, max_step=1.0, ms_reference="current", tracking="nearest", max_iters=80)
+_CLIP = dict(r_m=4, r_p=12, max_step=4.0, ms_reference="initial", tracking="fast", max_iters=40,
+             use_clip=True, fusion="paper")
+_CLIP_HYP = dict(latent_lr=0.01, lam=0.1, fuse_weight=0.7, clip_coef=300.0)
+# GoodDrag: DragText's DragBench run and bench_gooddrag.py (λ 0.1, 5 trackings without change;
+# the UI uses λ 0.2 and 10); weight (2r1)², information-preserving reference, background always
+_GOOD = dict(host="gooddrag", r_m=4, r_p=12, max_step=4.0, ms_reference="initial",  # weight (2r1)²
+             background="always", drag_end_step=7, track_per_step=10, max_drag_per_track=3,
+             max_track_no_change=5)
+_GOOD_HYP = dict(latent_lr=0.02, lam=0.1, drag_loss_threshold=0.0)
+# FreeDrag: 9×9 template (r_m = win_r = 4), 300 Adam steps, 5 per block, mean background λ 10
+_FREE = dict(host="freedrag", r_m=4, max_iters=300, block_steps=5, bg_reduction="mean")
+_FREE_HYP = dict(latent_lr=0.01, lam=10.0, l_expected=1.0, d_max=5.0)
+# DragNoise: DragDiffusion's loss on the bottleneck at t*, background always, bench λ 0.2, lr 0.02
+_NOISE = dict(_DD, host="dragnoise", background="always", end_step=0)
+_NOISE_HYP = dict(latent_lr=0.02, lam=0.2)
+
 _PRESETS: dict[str, tuple[dict, dict]] = {
-    "dragdiffusion": (
-        dict(r_m=1, r_p=3, max_step=1.0, ms_reference="current", tracking="nearest", max_iters=80),
-        dict(latent_lr=0.01, lam=0.1),
-    ),
-    "dragtext": (
-        dict(r_m=1, r_p=3, max_step=1.0, ms_reference="current", tracking="nearest", max_iters=80,
-             optimize_text=True),
-        dict(latent_lr=0.01, lam=0.1, text_lr=0.004, text_lam=0.1),
-    ),
-    "clipdrag": (
-        dict(r_m=4, r_p=12, max_step=4.0, ms_reference="initial", tracking="fast", max_iters=40,
-             use_clip=True, fusion="paper"),
-        dict(latent_lr=0.01, lam=0.1, fuse_weight=0.7, clip_coef=300.0),
-    ),
-    "clipdrag+dragtext": (
-        dict(r_m=4, r_p=12, max_step=4.0, ms_reference="initial", tracking="fast", max_iters=40,
-             use_clip=True, fusion="paper", optimize_text=True),
-        dict(latent_lr=0.01, lam=0.1, fuse_weight=0.7, clip_coef=300.0, text_lr=0.004, text_lam=0.1),
-    ),
+    "dragdiffusion": (dict(_DD), dict(latent_lr=0.01, lam=0.1)),
+    "dragtext": (dict(_DD, **_TEXT), dict(latent_lr=0.01, lam=0.1, **_TEXT_HYP)),
+    "clipdrag": (dict(_CLIP), dict(_CLIP_HYP)),
+    "clipdrag+dragtext": (dict(_CLIP, **_TEXT), dict(_CLIP_HYP, **_TEXT_HYP)),
+    "gooddrag": (dict(_GOOD), dict(_GOOD_HYP)),
+    "gooddrag+dragtext": (dict(_GOOD, **_TEXT), dict(_GOOD_HYP, **_TEXT_HYP)),
+    "freedrag": (dict(_FREE), dict(_FREE_HYP)),
+    "freedrag+dragtext": (dict(_FREE, **_TEXT), dict(_FREE_HYP, **_TEXT_HYP)),
+    "dragnoise": (dict(_NOISE), dict(_NOISE_HYP)),
+    "dragnoise+dragtext": (dict(_NOISE, **_TEXT), dict(_NOISE_HYP, **_TEXT_HYP)),
 }
 
+# pipeline-level defaults (ALGORITHMS.md §8): LoRA steps / lr and inversion strength
+_PIPELINE = {"dragdiffusion": dict(lora_steps=80, lora_lr=5e-4, inversion_strength=0.7),
+             "clipdrag": dict(lora_steps=80, lora_lr=5e-4, inversion_strength=0.7),
+             "gooddrag": dict(lora_steps=70, lora_lr=5e-4, inversion_strength=0.75),
+             "freedrag": dict(lora_steps=200, lora_lr=2e-4, inversion_strength=0.7),
+             "dragnoise": dict(lora_steps=200, lora_lr=2e-4, inversion_strength=0.7)}
+
+# settings each drag algorithm reads (the others are rejected with this list)
+_HOST_KEYS = {
+    "dragdiffusion": ("r_m", "r_p", "max_step", "ms_reference", "ms_weight", "tracking", "max_iters",
+                      "background", "bg_reduction", "latent_lr", "lam"),
+    "dragnoise": ("r_m", "r_p", "max_step", "ms_reference", "ms_weight", "tracking", "max_iters",
+                  "background", "bg_reduction", "end_step", "latent_lr", "lam"),
+    "gooddrag": ("r_m", "r_p", "max_step", "ms_weight", "background", "bg_reduction", "drag_end_step",
+                 "track_per_step", "max_drag_per_track", "max_track_no_change", "latent_lr", "lam",
+                 "drag_loss_threshold"),
+    "freedrag": ("r_m", "max_iters", "block_steps", "background", "bg_reduction", "stale_latent_grad",
+                 "latent_lr", "lam", "l_expected", "d_max"),
+}
+_TEXT_KEYS = ("stale_latent_grad", "text_lr", "text_lam")
+_CLIP_KEYS = ("fusion", "fuse_weight", "clip_coef")
+
+
 METHODS = tuple(_PRESETS)
-CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(DragConfig) if f.name not in ("sup_hw", "schedule"))
+# the overridable structure (host, optimize_text and use_clip define the method itself)
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(DragConfig)
+                    if f.name not in ("sup_hw", "schedule", "host", "optimize_text", "use_clip"))
 HYPER_KEYS = DragHypers._fields
 
 
 # valid ranges of the continuous hyperparameters: learning rates > 0, weights ≥ 0
 _HYPER_RANGES = {"latent_lr": "positive", "text_lr": "positive", "lam": "nonnegative",
-                 "text_lam": "nonnegative", "fuse_weight": "nonnegative", "clip_coef": "nonnegative"}
+                 "text_lam": "nonnegative", "fuse_weight": "nonnegative", "clip_coef": "nonnegative",
+                 "drag_loss_threshold": "nonnegative", "l_expected": "positive", "d_max": "positive"}
+
+
+def _key(method) -> str:
+    key = method.lower() if isinstance(method, str) else method
+    if key not in _PRESETS:
+        raise SettingsError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return key
+
+
+def valid_settings(method: str) -> tuple[str, ...]:
+    """The drag settings (config and hyperparameter names) ``method`` reads."""
+    cfg = _PRESETS[_key(method)][0]
+    keys = list(_HOST_KEYS[cfg.get("host", "dragdiffusion")])
+    if cfg.get("optimize_text"):
+        keys += [k for k in _TEXT_KEYS if k not in keys]
+    if cfg.get("use_clip"):
+        keys += list(_CLIP_KEYS)
+    return tuple(keys)
+
+
+def pipeline_defaults(method: str) -> dict:
+    """{lora_steps, lora_lr, inversion_strength} of ``method``'s reference (ALGORITHMS.md §8)."""
+    key = _key(method)
+    return dict(_PIPELINE[_PRESETS[key][0].get("host", "clipdrag" if "clip" in key else "dragdiffusion")])
 
 
 def check_hypers(hypers: dict) -> dict[str, float]:
@@ -63,15 +127,16 @@ def check_hypers(hypers: dict) -> dict[str, float]:
 def resolve(method: str, **overrides: Any) -> tuple[DragConfig, dict[str, float]]:
     """(DragConfig without sup_hw, hyperparameter dict) for ``method`` with ``overrides``.
     Raises SettingsError for an unknown method or setting, or a value out of range."""
-    key = method.lower() if isinstance(method, str) else method
-    if key not in _PRESETS:
-        raise SettingsError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    key = _key(method)
     cfg_kw, hyp = dict(_PRESETS[key][0]), dict(DragHypers.make()._asdict())
     hyp = {k: float(v) for k, v in hyp.items()}
     hyp.update(_PRESETS[key][1])
-    unknown = [k for k in overrides if k not in CONFIG_KEYS and k not in HYPER_KEYS]
+    valid = valid_settings(key)
+    unknown = [k for k in overrides if overrides[k] is not None and k not in valid]
     if unknown:
-        raise SettingsError(f"unknown drag setting(s) {unknown}; valid: {', '.join(CONFIG_KEYS + HYPER_KEYS)}")
+        known = [k for k in unknown if k in CONFIG_KEYS or k in HYPER_KEYS]
+        what = "setting(s) not used by method " + repr(key) if len(known) == len(unknown) else "unknown drag setting(s)"
+        raise SettingsError(f"{what} {unknown}; valid for {key}: {', '.join(valid)}")
     for k, v in overrides.items():
         if v is None:
             continue
@@ -80,9 +145,14 @@ def resolve(method: str, **overrides: Any) -> tuple[DragConfig, dict[str, float]
         else:
             cfg_kw[k] = v
     hyp = check_hypers(hyp)
-    for k in ("r_m", "r_p"):
-        cfg_kw[k] = check_number(k, cfg_kw[k], nonnegative=True, integer=True)
-    cfg_kw["max_iters"] = check_number("max_iters", cfg_kw["max_iters"], positive=True, integer=True)
+    for k in ("r_m", "r_p", "end_step"):
+        if k in cfg_kw:
+            cfg_kw[k] = check_number(k, cfg_kw[k], nonnegative=True, integer=True)
+    for k in ("max_iters", "drag_end_step", "track_per_step", "max_drag_per_track", "max_track_no_change",
+              "block_steps"):
+        if k in cfg_kw:
+            cfg_kw[k] = check_number(k, cfg_kw[k], positive=True, integer=True)
+    cfg_kw.setdefault("max_step", 1.0)
     cfg_kw["max_step"] = check_number("max_step", cfg_kw["max_step"], positive=True)
     if cfg_kw.get("ms_weight") is not None:
         cfg_kw["ms_weight"] = check_number("ms_weight", cfg_kw["ms_weight"], positive=True)
