@@ -48,3 +48,12 @@ def torch_vae(seed=0, **cfg):
     import torch
     torch.manual_seed(seed)
     return randomize(AutoencoderKL(**cfg), seed + 1)
+
+
+def short_run(method: str, iters: int) -> dict:
+    """Drag overrides that cap ``method`` at ``iters`` latent updates: ``max_iters`` for every host
+    but GoodDrag, whose budget is timesteps × trackings × steps per tracking (one timestep)."""
+    if method.startswith("gooddrag"):
+        per = 2 if iters % 2 == 0 else 1
+        return dict(drag_end_step=1, track_per_step=iters // per, max_drag_per_track=per)
+    return dict(max_iters=iters)

@@ -1,5 +1,5 @@
 """The accelerator programs, built on a CPU with ``jax.export``: every stage of an edit (text, VAE
-encode, LoRA, inversion, the drag loop of every method, denoise, decode) for ``cuda`` in bfloat16
+encode, LoRA, inversion, the drag loop of every method — all ten —, denoise, decode) for ``cuda`` in bfloat16
 with cuDNN fused attention, and for ``tpu``. Only cuDNN's presence/version and compute-capability
 checks, which a CPU jaxlib cannot pass, are stubbed (as an H100 with cuDNN 9.10 would answer).
 The drag step of DragText/CLIPDrag with a vmapped VJP (the code before this test) fails here with
@@ -10,6 +10,7 @@ import pytest
 
 import jaxdrag
 from jaxdrag import EditRequest, EditSettings, LoRASettings
+from helpers import short_run
 from jaxdrag.drag.methods import METHODS
 
 STAGES = {"text", "encode", "lora_encode", "lora", "invert", "drag_prepare", "drag", "denoise", "decode",
@@ -39,7 +40,7 @@ def _export_all(pipe, platform, methods):
     try:
         for m in methods:
             res = jaxdrag.edit_batch(pipe, [req, req], m, settings=EditSettings(lora=LoRASettings(steps=2, chunk=2)),
-                                     max_iters=3)
+                                     **short_run(m, 3))
             assert len(res) == 2
         return dict(pipe.stages.exported)
     finally:
@@ -73,8 +74,9 @@ def test_every_stage_of_every_method_exports_for_cuda_with_cudnn_attention(bf16_
     exported = _export_all(bf16_pipe, "cuda", METHODS)
     assert STAGES <= set(exported), set(exported)
     assert all(e.platforms == ("cuda",) for es in exported.values() for e in es)
-    # one drag loop per method (different programs); the shared stages built once
-    assert len(exported["drag"]) == len(METHODS) and len(exported["invert"]) == 1
+    # one drag loop per method (different programs); the shared stages built once per inversion
+    # strength (GoodDrag's 0.75, the others' 0.7)
+    assert len(exported["drag"]) == len(METHODS) and len(exported["invert"]) == 2
     for e in exported["drag"]:
         mod = e.mlir_module()
         assert "cudnn$fmhaSoftmax" in mod and "cudnn$fmhaSoftmaxBackward" in mod and "bf16" in mod
@@ -87,7 +89,8 @@ def test_every_stage_of_every_method_exports_for_cuda_with_cudnn_attention(bf16_
 
 
 def test_every_stage_exports_for_tpu(bf16_pipe):
-    exported = _export_all(bf16_pipe, "tpu", ["clipdrag+dragtext", "dragtext"])
-    assert STAGES <= set(exported) and len(exported["drag"]) == 2
+    methods = ["clipdrag+dragtext", "dragtext", "gooddrag+dragtext", "freedrag+dragtext", "dragnoise+dragtext"]
+    exported = _export_all(bf16_pipe, "tpu", methods)
+    assert STAGES <= set(exported) and len(exported["drag"]) == len(methods)
     assert all(e.platforms == ("tpu",) for es in exported.values() for e in es)
     assert not any("cudnn" in e.mlir_module() for e in exported["drag"])

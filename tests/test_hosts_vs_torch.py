@@ -237,6 +237,8 @@ def test_gooddrag_equals_torch_reference(method, no_change):
     assert _rel(out["z"], ref["z"]) < 1e-4
     assert _rel(out["c_out"], ref["c"]) < 1e-4
     assert _rel(out["losses"][:n], ref["losses"]) < 1e-4 and np.isnan(out["losses"][n:]).all()
+    np.testing.assert_array_equal(out["traj"][0], H0)  # initial handles, then after each update
+    np.testing.assert_array_equal(out["traj"][n], ref["handles"])
     if no_change == 5:  # nothing stops early: 2 timesteps × 3 trackings × 2 steps, a denoise each
         assert n == 12 and ref["j"] == 2
         assert [e for e, _ in ref["log"]].count("track") == 2 * (3 + 1)
@@ -419,6 +421,8 @@ def test_freedrag_equals_torch_reference(method, stale, l_exp, lr):
     n = len(ref["losses"])
     assert int(out["it"]) == n and bool(out["done"])
     np.testing.assert_allclose(out["handles"], ref["q"], atol=1e-4)
+    np.testing.assert_array_equal(out["traj"][0], H0)
+    np.testing.assert_allclose(out["traj"][n], ref["q"], atol=1e-4)
     np.testing.assert_array_equal(out["sign"], ref["sign"] == 1)
     assert _rel(out["z"], ref["z"]) < 1e-4
     assert _rel(out["c"], ref["c"]) < 1e-4

@@ -10,6 +10,7 @@ import pytest
 
 import jaxdrag
 from conftest import shared_data
+from helpers import short_run
 from jaxdrag import EditRequest, EditSettings, LoRASettings, RequestError
 from jaxdrag.data import SafeUnpickler, find_samples, prepare, report, safe_load_pickle, write_result
 
@@ -34,19 +35,24 @@ def _check(res, img, method, n_pairs):
     assert 0 <= res.iterations <= ITERS and len(res.losses) == res.iterations
     assert res.trajectory.shape[1:] == (n_pairs, 2)
     np.testing.assert_allclose(res.trajectory[0], res.initial_handles)
-    assert res.config["method"] == method and res.config["t_star"] == 681
+    assert res.config["method"] == method
+    assert res.config["t_star"] == (741 if method.startswith("gooddrag") else 681)
     for stage in ("lora", "invert", "drag", "denoise", "decode"):
         assert res.timings[stage] > 0
 
 
-@pytest.mark.parametrize("method", ["dragtext", "clipdrag", "clipdrag+dragtext"])
+@pytest.mark.parametrize("method", [m for m in jaxdrag.METHODS if m != "dragdiffusion"])
 def test_every_method_end_to_end(tiny_pipe, method, tmp_path):
     img = synthetic(96, 128)
     mask = np.zeros(img.shape[:2], np.uint8)
     mask[10:80, 20:110] = 1
     res = jaxdrag.edit(tiny_pipe, img, [(40, 30), (60, 35), (80, 60), (70, 50)], "a colourful gradient",
-                       mask=mask, method=method, settings=FAST, max_iters=ITERS)
+                       mask=mask, method=method, settings=FAST, **short_run(method, ITERS))
     _check(res, img, method, 2)
+    assert res.iterations > 0 and np.isfinite(res.losses).all()
+    assert res.config["reference_attention"] == (not method.startswith("dragnoise"))
+    if "dragtext" in method or method.startswith("clipdrag"):
+        assert res.config["hypers"]["text_lr"] == 0.004 or not method.endswith("dragtext")
     assert res.config["working_size"] == [96, 128] and res.config["supervision_size"] == [48, 64]
     write_result(res, tmp_path / "r")
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -118,7 +124,8 @@ def test_validation_names_the_problem():
 
 
 def test_unknown_per_request_hyperparameter(tiny_pipe):
-    with pytest.raises(RequestError, match=r"x: unknown hyperparameter\(s\) \['lr'\]"):
+    with pytest.raises(RequestError, match=r"x: hyperparameter\(s\) \['lr'\] not used by method 'dragtext'; "
+                                           r"valid: latent_lr, lam, text_lr, text_lam$"):
         jaxdrag.edit_batch(tiny_pipe, [EditRequest(synthetic(), [(1, 1), (5, 5)], name="x", hypers={"lr": 1})])
 
 
@@ -196,3 +203,15 @@ def test_stage_cache_keys_on_the_function():
     st.last_compile_s = {}
     st("s", f2, x)
     assert st.last_compile_s == {}  # cached: no compile
+
+
+def test_method_defaults_for_pipeline_settings():
+    """LoRA steps / lr and inversion strength left unset take the method's reference defaults
+    (ALGORITHMS.md §8); set ones are kept."""
+    for method, want in [("dragtext", (80, 5e-4, 0.7)), ("clipdrag", (80, 5e-4, 0.7)),
+                         ("gooddrag+dragtext", (70, 5e-4, 0.75)), ("freedrag", (200, 2e-4, 0.7)),
+                         ("dragnoise+dragtext", (200, 2e-4, 0.7))]:
+        s = EditSettings().for_method(method)
+        assert (s.lora.steps, s.lora.lr, s.inversion_strength) == want and s.method == method
+    s = EditSettings(lora=LoRASettings(steps=5), inversion_strength=0.5).for_method("gooddrag")
+    assert (s.lora.steps, s.lora.lr, s.inversion_strength) == (5, 5e-4, 0.5)

@@ -255,3 +255,38 @@ def test_lora_peft_roundtrip():
     tensors.pop(next(iter(tensors)))
     with pytest.raises(WeightsError, match="LoRA file: missing key"):
         import_peft(lora, tensors)
+
+
+def test_separate_vae_folder_and_single_files(tiny_sd, tmp_path):
+    """GoodDrag's separate VAE (``load_pipeline(vae=…)``, ``--vae``): the same random VAE written as
+    a diffusers folder, an LDM-named file with and without the ``first_stage_model.`` prefix and a
+    diffusers-named file loads to identical parameters, which replace the model's own."""
+    import jaxdrag
+    from jaxdrag.tiny import random_state
+
+    vae = random_state(lambda: AutoencoderKL(TINY_VAE), 99)
+    folder = tmp_path / "vae"
+    weights.save_safetensors(vae, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(TINY_VAE.to_diffusers()))
+    n = len(TINY_VAE.block_out_channels)
+    ldm = {weights.ldm_vae_key(k, n): (v[:, :, None, None] if weights._is_vae_attn_proj(k) else v)
+           for k, v in vae.items()}
+    weights.save_safetensors(ldm, tmp_path / "vae-ldm.safetensors")
+    weights.save_safetensors({weights.LDM_VAE + k: v for k, v in ldm.items()}, tmp_path / "vae-prefixed.safetensors")
+    weights.save_safetensors(vae, tmp_path / "vae-diffusers.safetensors")
+    ref = _flat(weights.load_vae(folder, dtype=jnp.float32))
+    for f in ("vae-ldm", "vae-prefixed", "vae-diffusers"):
+        got = _flat(weights.load_vae(tmp_path / f"{f}.safetensors", dtype=jnp.float32, like=TINY_VAE))
+        assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref), f
+    own = jaxdrag.load_pipeline(tiny_sd, dtype="float32")
+    other = jaxdrag.load_pipeline(tiny_sd, dtype="float32", vae=folder)
+    assert all(np.array_equal(v, ref[k]) for k, v in _flat(other.sd.vae).items())
+    lat = jnp.asarray(np.random.RandomState(0).randn(1, 4, 4, 4), jnp.float32)
+    assert float(jnp.abs(other.vae_decode(lat) - own.vae_decode(lat)).max()) > 1e-3
+    with pytest.raises(WeightsError, match="nowhere: no such VAE folder or file"):
+        weights.load_vae(tmp_path / "nowhere", dtype=jnp.float32)
+    (tmp_path / "vae.ckpt").write_bytes(b"x")
+    with pytest.raises(WeightsError, match=r"vae.ckpt: a VAE file must be .safetensors"):
+        weights.load_vae(tmp_path / "vae.ckpt", dtype=jnp.float32)
+    with pytest.raises(WeightsError, match="not a diffusers VAE folder"):
+        weights.load_vae(tmp_path, dtype=jnp.float32)

@@ -76,7 +76,7 @@ class FreeDragState(NamedTuple):
     started: Array      # () bool a block has run (the first block has no previous one to close)
     it: Array
     done: Array
-    traj: Array         # (max_iters + 1, N, 2)
+    traj: Array         # (max_iters + 1, N, 2) initial handles, then the sub-targets of each update
     losses: Array
     failed: Array
     fail_it: Array
@@ -259,9 +259,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
         return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
 
     keep_bookkeeping = live & ~fail_now  # closing a block happens even when the run stops there
-    traj = jnp.where(update, st.traj.at[st.it].set(q), st.traj)
-    traj = jnp.where(stop_now, traj.at[st.it].set(q), traj)
-    traj = jnp.where(update & finish, traj.at[st.it + 1].set(q), traj)
+    traj = jnp.where(update, st.traj.at[st.it + 1].set(q), st.traj)  # [0]: handles, [k + 1]: q of update k
     return FreeDragState(
         z=pick(z_new, st.z, update), c=pick(c_new, st.c, update), eps0=pick(eps0, st.eps0, keep_bookkeeping),
         opt_z=pick(opt_z, st.opt_z, update), opt_c=pick(opt_c, st.opt_c, update), acc_c=pick(acc, st.acc_c, update),

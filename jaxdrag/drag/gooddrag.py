@@ -75,7 +75,7 @@ class GoodDragState(NamedTuple):
     it: Array           # () int32 latent updates
     done: Array         # () bool drag phase over
     reached: Array      # () bool stopped because every handle reached its target
-    traj: Array         # (max_updates + 1, N, 2) handles before each update, then the final ones
+    traj: Array         # (budget + 1, N, 2) initial handles, then the handles after each update
     losses: Array       # (max_updates,)
     failed: Array
     fail_it: Array
@@ -188,9 +188,11 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inputs, st: GoodDrag
         return jax.tree.map(lambda d, u, o: jnp.where(den_now, d, jnp.where(upd_now, u, o)), a_den, a_upd, old)
 
     fresh_c = st.c if not cfg.optimize_text else inp.c0
-    traj = jnp.where(upd_now, st.traj.at[st.it].set(handles), st.traj)
+    # traj[0] = initial handles, traj[k + 1] = the handles after update k (and its tracking); a
+    # first-pass tracking that moves them after the last update overwrites the last entry
+    traj = jnp.where(upd_now, st.traj.at[st.it + 1].set(tracked), st.traj)
     fin = den_now & finished
-    traj = jnp.where(fin, traj.at[st.it].set(handles), traj)
+    traj = jnp.where(fin & (st.it > 0), traj.at[st.it].set(handles), traj)
     return GoodDragState(
         z=pick3(z_den, z_drag, st.z),
         c=pick3(fresh_c, c_drag, st.c),
