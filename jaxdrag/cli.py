@@ -387,7 +387,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_toybench(args) -> int:
-    from .drag.methods import resolve
+    from .drag.methods import resolve, valid_settings
     from .toy import runner
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -396,7 +396,11 @@ def cmd_toybench(args) -> int:
     if bad:
         raise SettingsError(f"--methods: unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     overrides = _overrides(args)
-    cfgs = [resolve(m, **overrides)[0] for m in methods]  # every setting checked before loading
+    unused = [k for k in overrides if not any(k in valid_settings(m) for m in methods)]
+    if unused:
+        raise SettingsError(f"drag setting(s) {unused} are read by none of the methods {', '.join(methods)}")
+    # every setting checked before loading; each method gets the ones it reads
+    cfgs = [resolve(m, **{k: v for k, v in overrides.items() if k in valid_settings(m)})[0] for m in methods]
     settings = _settings(args)
     pipe = _load(args, any(c.use_clip for c in cfgs))
     rows = runner.run(pipe, methods, args.out, n_tasks=args.tasks, batch_size=args.batch_size,
@@ -447,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("toybench", help="drag tasks on held-out toy scenes with exact ground truth "
                                         "(displacement error, IoU, survival, background PSNR)")
     t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--methods", default="dragdiffusion,dragtext,clipdrag,clipdrag+dragtext",
-                   help="comma-separated methods")
+    t.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated methods (default: all ten); each reads the drag settings it uses")
     t.add_argument("--tasks", type=int, default=50, help="number of tasks (deterministic, held-out seeds)")
     t.add_argument("--batch-size", type=int, default=10, help="edits per vmapped batch")
     t.add_argument("--quiet", action="store_true")

@@ -215,3 +215,31 @@ def test_method_defaults_for_pipeline_settings():
         assert (s.lora.steps, s.lora.lr, s.inversion_strength) == want and s.method == method
     s = EditSettings(lora=LoRASettings(steps=5), inversion_strength=0.5).for_method("gooddrag")
     assert (s.lora.steps, s.lora.lr, s.inversion_strength) == (5, 5e-4, 0.5)
+
+
+def test_denoise_from_a_later_step_and_with_an_injected_bottleneck(tiny_pipe):
+    """GoodDrag's final denoise starts where its drag phase stopped: starting at step s of the K
+    steps equals denoising with the strength of the remaining K − s steps. DragNoise's injected
+    bottleneck: injecting the UNet's own mid-block output of the first step for that step only
+    changes nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    p = tiny_pipe
+    rs = np.random.RandomState(0)
+    z = jnp.asarray(rs.randn(2, 6, 8, 4), jnp.float32)
+    c = p.encode_prompt(["a red disc", "a blue square"])
+    lora = jax.tree.map(lambda s: jnp.zeros((2,) + s.shape, jnp.float32), p.lora_template())
+    full = p.denoise(lora, z, z[::-1], c, c[::-1], 0.7, True, start=jnp.array([3, 0]))
+    rest = p.denoise(lora, z, z[::-1], c, c[::-1], 0.64, True)  # 32 = 35 − 3 steps
+    whole = p.denoise(lora, z, z[::-1], c, c[::-1], 0.7, True)
+    np.testing.assert_allclose(full[0], rest[0], atol=1e-5)
+    np.testing.assert_allclose(full[1], whole[1], atol=1e-5)
+    t_star = int(p.schedule.timesteps[p.schedule.start_index(0.7)])
+    h = jax.vmap(lambda zz, cc: p.unet_apply(p.sd.unet.params, jax.tree.map(lambda a: a[0], lora), zz[None], t_star,
+                                             cc[None])[1]["mid"][0])(z, c)
+    plain = p.denoise(lora, z, z, c, c, 0.7, False)
+    injected = p.denoise(lora, z, z, c, c, 0.7, False, mid=h, mid_steps=1)
+    np.testing.assert_allclose(injected, plain, atol=1e-5)
+    moved = p.denoise(lora, z, z, c, c, 0.7, False, mid=h * 1.5, mid_steps=35)
+    assert float(jnp.abs(moved - plain).max()) > 1e-3
