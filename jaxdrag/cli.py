@@ -137,8 +137,12 @@ def _load(args, need_clip: bool):
     if need_clip and clip is None:
         raise SettingsError(f"method {args.method!r} needs a CLIP model: pass --clip PATH "
                             f"(an HF openai/clip-vit-base-patch16 folder)")
+    vae = getattr(args, "vae", None)
+    if vae is not None and not Path(vae).exists():
+        from .weights import WeightsError
+        raise WeightsError(f"{vae}: no such VAE folder or file")
     t0 = time.perf_counter()
-    pipe = load_pipeline(model, clip=clip if need_clip else None, dtype=args.dtype, vae=getattr(args, "vae", None))
+    pipe = load_pipeline(model, clip=clip if need_clip else None, dtype=args.dtype, vae=vae)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe
 

@@ -44,6 +44,12 @@ def png(tmp_path):
     (["--inversion-strength", "0"], "setting inversion_strength = 0.0: must be in (0.0, 1.0]"),
     (["--r-m", "-1"], "setting r_m = -1: must be ≥ 0"),
     (["--model", "/nonexistent/model"], "/nonexistent/model: no such model folder or file"),
+    (["--method", "gooddrag", "--max-iters", "3"],
+     "setting(s) not used by method 'gooddrag' ['max_iters']; valid for gooddrag: r_m, r_p, max_step, ms_weight"),
+    (["--method", "dragtext", "--l-expected", "2"], "not used by method 'dragtext' ['l_expected']"),
+    (["--method", "freedrag", "--l-expected", "0"], "setting l_expected = 0.0: must be > 0"),
+    (["--method", "gooddrag", "--track-per-step", "0"], "setting track_per_step = 0: must be > 0"),
+    (["--method", "gooddrag", "--vae", "/nonexistent/vae"], "/nonexistent/vae: no such VAE folder or file"),
 ])
 def test_bad_settings_exit_2_with_one_line(png, tmp_path, capsys, extra, message):
     t0 = time.perf_counter()

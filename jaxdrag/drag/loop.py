@@ -26,6 +26,12 @@ Finished (or capped) edits are frozen by mask while the others continue. An edit
 loss, latent or text embedding becomes non-finite is frozen too and flagged (``failed``,
 ``fail_it``, ``fail_what``), so one diverging learning rate in a sweep spoils nothing else.
 
+DragNoise (§7, ``host="dragnoise"``) is this loop with the UNet bottleneck h (the mid-block
+output at (z*, c), computed once in ``prepare``) as the optimised variable instead of z: every
+forward is ``features_mid(z*, ĉ, t*, h)``, Φ uses ε(h) with z = z*, and its background term is
+always applied (``background="always"``). GoodDrag and FreeDrag have their own loops
+(``gooddrag.py``, ``freedrag.py``); ``make_runner`` picks the one of ``cfg.host``.
+
 DragText gradients (§3.3): the latent gets ∇_z L with L = L_ms + L_bg; the text embedding gets
 ∇_ĉ(L + L_text), L_text = L_ms + n_active·λ_t·reg, as the reference computes them. The reference
 also leaks ∇_z L_ms of iteration k into the latent step of k+1 (a stale gradient never cleared,
