@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from ..schedule import ddim_step
-from .loop import DragConfig, DragInputs, DragNetworks
+from .loop import DragConfig, DragInputs, DragNetworks, failure_update, while_live
 from .losses import STOP_DISTANCE, background_loss, background_weight, l1, upsample_features
 from .text import ADAM, text_gradient, text_loss, text_step
 
@@ -269,22 +269,11 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
         ltype=pick(ltype, st.ltype, update), inner=pick(inner, st.inner, update),
         started=st.started | update, it=st.it + update.astype(jnp.int32), done=st.done | finish,
         traj=traj, losses=jnp.where(update, st.losses.at[st.it].set(loss), st.losses),
-        failed=st.failed | fail_now, fail_it=jnp.where(fail_now, st.it, st.fail_it),
-        fail_what=jnp.where(fail_now, jnp.argmin(checks).astype(jnp.int32), st.fail_what))
+        **failure_update(st, fail_now, checks))
 
 
 def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs, state: FreeDragState,
         progress: Callable[[Any, Any], None] | None = None) -> FreeDragState:
     """``lax.while_loop`` of the batched step until every edit is done or at ``max_iters``."""
-    batched = jax.vmap(lambda e, i, s: step(nets, cfg, shared, e, i, s))
-
-    def cond(st):
-        return jnp.any(~st.done & ~st.failed)
-
-    def body(st):
-        new = batched(edits, inputs, st)
-        if progress is not None:
-            jax.debug.callback(progress, new.it, new.done)
-        return new
-
-    return jax.lax.while_loop(cond, body, state)
+    return while_live(lambda e, i, s: step(nets, cfg, shared, e, i, s), lambda st: ~st.done & ~st.failed,
+                      edits, inputs, state, progress)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from ..schedule import ddim_step
-from .loop import DragConfig, DragInputs, DragNetworks, update_budget
+from .loop import DragConfig, DragInputs, DragNetworks, failure_update, update_budget, while_live
 from .losses import (STOP_DISTANCE, background_loss, background_weight, motion_supervision,
                      reference_patches, upsample_features)
 from .text import ADAM, text_cotangent, text_gradient, text_loss, text_step
@@ -211,22 +211,11 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inputs, st: GoodDrag
         reached=st.reached | (den_now & stop & reached),
         traj=traj,
         losses=jnp.where(upd_now, st.losses.at[st.it].set(loss), st.losses),
-        failed=st.failed | fail_now, fail_it=jnp.where(fail_now, st.it, st.fail_it),
-        fail_what=jnp.where(fail_now, jnp.argmin(checks).astype(jnp.int32), st.fail_what))
+        **failure_update(st, fail_now, checks))
 
 
 def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs, state: GoodDragState,
         progress: Callable[[Any, Any], None] | None = None) -> GoodDragState:
     """``lax.while_loop`` of the batched step until every edit's drag phase is over."""
-    batched = jax.vmap(lambda e, i, s: step(nets, cfg, shared, e, i, s))
-
-    def cond(st):
-        return jnp.any(~st.done & ~st.failed)
-
-    def body(st):
-        new = batched(edits, inputs, st)
-        if progress is not None:
-            jax.debug.callback(progress, new.it, new.done)
-        return new
-
-    return jax.lax.while_loop(cond, body, state)
+    return while_live(lambda e, i, s: step(nets, cfg, shared, e, i, s), lambda st: ~st.done & ~st.failed,
+                      edits, inputs, state, progress)

@@ -180,6 +180,13 @@ class DragState(NamedTuple):
 FAILURES = ("forward", "loss", "latent", "text")
 
 
+def failure_update(st, fail_now: Array, checks: Array) -> dict:
+    """The failure fields of a host's next state: an edit whose ``checks`` (the FAILURES, in
+    order, True = finite) failed now is flagged with the iteration and what went non-finite."""
+    return dict(failed=st.failed | fail_now, fail_it=jnp.where(fail_now, st.it, st.fail_it),
+                fail_what=jnp.where(fail_now, jnp.argmin(checks).astype(jnp.int32), st.fail_what))
+
+
 _ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
 
@@ -307,8 +314,23 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
         traj=jnp.where(live, st.traj.at[st.it].set(handles), st.traj),
         losses=jnp.where(update, st.losses.at[st.it].set(loss), st.losses),
         stale=pick(stale, st.stale, update),
-        failed=st.failed | fail_now, fail_it=jnp.where(fail_now, st.it, st.fail_it),
-        fail_what=jnp.where(fail_now, jnp.argmin(checks).astype(jnp.int32), st.fail_what))
+        **failure_update(st, fail_now, checks))
+
+
+def while_live(step_one: Callable, live: Callable, edits, inputs, state,
+               progress: Callable[[Any, Any], None] | None = None):
+    """``lax.while_loop`` of ``step_one(edit, inputs, state)`` vmapped over edits while any edit is
+    live (``live(state)`` → (B,) bool); ``progress(it, done)`` (host callback) once per iteration.
+    The loop of every host."""
+    batched = jax.vmap(step_one)
+
+    def body(st):
+        new = batched(edits, inputs, st)
+        if progress is not None:
+            jax.debug.callback(progress, new.it, new.done)
+        return new
+
+    return jax.lax.while_loop(lambda st: jnp.any(live(st)), body, state)
 
 
 def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs: DragInputs, state: DragState,
@@ -317,18 +339,8 @@ def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs: DragInputs, 
 
     Batched: ``edits``, ``inputs`` and ``state`` have a leading edit axis; ``shared`` does not.
     ``progress(it, done)`` (host callback, optional) is called once per iteration."""
-    batched = jax.vmap(lambda e, i, s: step(nets, cfg, shared, e, i, s))
-
-    def cond(st):
-        return jnp.any(~st.done & ~st.failed & (st.it < cfg.max_iters))
-
-    def body(st):
-        new = batched(edits, inputs, st)
-        if progress is not None:
-            jax.debug.callback(progress, new.it, new.done)
-        return new
-
-    return jax.lax.while_loop(cond, body, state)
+    return while_live(lambda e, i, s: step(nets, cfg, shared, e, i, s),
+                      lambda st: ~st.done & ~st.failed & (st.it < cfg.max_iters), edits, inputs, state, progress)
 
 
 def prepare_batch(nets, cfg, shared, edits, *args):
