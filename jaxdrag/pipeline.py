@@ -954,6 +954,7 @@ def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hyper
     batch = ⌊(fraction · device memory − weights) / per-edit⌋ for the most demanding stage,
     assuming the per-edit part grows linearly with the batch (vmapped stages). Returns (batch
     per device ≥ 1, {stage: {"shared", "edit"} bytes})."""
+    settings = settings.for_method(settings.method)  # fields left None: the method's defaults
     st = pipe.stages
     st.measured = {}
     mesh, st.mesh = st.mesh, None  # measure one device's program
