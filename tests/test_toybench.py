@@ -58,10 +58,20 @@ def test_lora_cache_reuses_and_reproduces(tiny_pipe):
 
 def test_toybench_command(tiny_models, tmp_path, capsys):
     sd, clip = tiny_models
-    rc = main(["toybench", "--out", str(tmp_path / "tb"), "--tasks", "2", "--methods", "dragdiffusion",
-               "--batch-size", "2", "--lora-steps", "4", "--max-iters", "3", "--quiet",
-               "--model", str(sd), "--clip", str(clip), "--no-compile-cache"])
+    common = ["--batch-size", "2", "--lora-steps", "4", "--quiet", "--model", str(sd), "--clip", str(clip),
+              "--no-compile-cache"]
+    # each method gets the settings it reads: max_iters → dragdiffusion, the GoodDrag schedule → gooddrag
+    rc = main(["toybench", "--out", str(tmp_path / "tb"), "--tasks", "2", "--methods", "dragdiffusion,gooddrag",
+               "--max-iters", "3", "--drag-end-step", "1", "--track-per-step", "1"] + common)
     assert rc == 0
-    assert "| dragdiffusion | 2 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| dragdiffusion | 2 |" in out and "| gooddrag | 2 |" in out
     summary = json.loads((tmp_path / "tb" / "toybench.json").read_text())
-    assert summary["tasks"] == 2 and summary["overrides"] == {"max_iters": 3}
+    assert summary["tasks"] == 2 and summary["overrides"] == {"max_iters": 3, "drag_end_step": 1, "track_per_step": 1}
+    assert [len(summary["per_task"][m]) for m in ("dragdiffusion", "gooddrag")] == [2, 2]
+    reps = {m: json.loads(next((tmp_path / "tb" / m).glob("*/report.json")).read_text()) for m in summary["methods"]}
+    assert reps["dragdiffusion"]["config"]["drag"]["max_iters"] == 3 and reps["dragdiffusion"]["iterations"] <= 3
+    assert reps["gooddrag"]["config"]["drag"]["track_per_step"] == 1 and reps["gooddrag"]["iterations"] <= 3
+    rc = main(["toybench", "--out", str(tmp_path / "tb2"), "--methods", "dragdiffusion", "--l-expected", "2"] + common)
+    assert rc == 2 and "drag setting(s) ['l_expected'] are read by none of the methods dragdiffusion" in \
+        capsys.readouterr().err

@@ -51,7 +51,7 @@ def run(pipe, methods: Sequence[str], out: Path, *, tasks: Sequence[bench.Task] 
     if pipe.lora_cache is None:
         pipe.enable_lora_cache()
     write_json(out / "tasks.json", [t.to_json() for t in tasks])
-    rows, extra = {}, {}
+    rows, extra, per_task = {}, {}, {}
     for method in methods:
         mdir = out / method
         todo = [t for t in tasks if bench.read_metrics(mdir / t.name) is None]
@@ -71,12 +71,14 @@ def run(pipe, methods: Sequence[str], out: Path, *, tasks: Sequence[bench.Task] 
             log(f"[toybench] {method}: {min(s + batch_size, len(todo))}/{len(todo)} "
                 f"({time.perf_counter() - t0:.0f} s for {len(chunk)})")
         metrics = [bench.read_metrics(mdir / t.name) for t in tasks]
+        per_task[method] = {t.name: m for t, m in zip(tasks, metrics) if m is not None}
         metrics = [m for m in metrics if m is not None]
         rows[method] = bench.summarize(metrics)
         extra[method] = {"iterations": float(np.mean([m["iterations"] for m in metrics])),
                          "seconds_per_edit": float(np.median([m["seconds_per_edit"] for m in metrics]))}
         rows[method].update(extra[method])
-    write_json(out / "toybench.json", {"tasks": len(tasks), "methods": rows, "overrides": overrides})
+    write_json(out / "toybench.json", {"tasks": len(tasks), "methods": rows, "overrides": overrides,
+                                       "per_task": per_task})
     md = bench.table_markdown(rows, extra)
     (out / "toybench.md").write_text(md)
     return rows
