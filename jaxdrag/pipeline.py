@@ -97,7 +97,7 @@ class LoRASettings:
     """DragDiffusion's defaults (§1.4): rank 16 (fixed when the model is loaded), 80 steps of
     AdamW (β (0.9, 0.999), weight decay 1e-2, ε 1e-8) at lr 5e-4, batch 4, constant lr.
     ``steps`` and ``lr`` left None take the method's (GoodDrag 70; FreeDrag, DragNoise 200 at
-    2e-4; ``methods.PIPELINE_DEFAULTS``) when an edit runs."""
+    2e-4; ``methods.pipeline_defaults``) when an edit runs."""
 
     steps: int | None = None
     lr: float | None = None
@@ -733,7 +733,6 @@ class EditSettings:
             object.__setattr__(self, "batch_size", check_number("batch_size", self.batch_size, positive=True,
                                                                 integer=True))
 
-
     def for_method(self, method: str) -> "EditSettings":
         """These settings with every field left None filled from ``method``'s defaults."""
         from .drag.methods import pipeline_defaults
@@ -878,7 +877,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     st = jax.tree.map(np.asarray, state)
     reached = st.reached if cfg.host == "gooddrag" else st.done
     if cfg.host == "freedrag":
-        reached = np.all(np.asarray(state.sign), axis=-1)
+        reached = np.all(st.sign, axis=-1)  # every pair done (sub-target at its target, loss low)
     results = []
     for i, p in enumerate(group[:n_real]):
         img = out[i]
