@@ -3,7 +3,7 @@
 
 - four host CPU devices (``--xla_force_host_platform_device_count=4``): a batch of four edits
   spread with ``shard_map`` (one edit and one drag ``while_loop`` per device) gives the results of
-  the single-device run;
+  the single-device run, for DragText and the GoodDrag, FreeDrag and DragNoise hosts;
 - ``jaxdrag run --distributed``: two local processes split a dataset and together write every
   result exactly once, and process 0 writes the merged summary."""
 
@@ -33,7 +33,7 @@ st = EditSettings(lora=LoRASettings(steps=2, chunk=2), width=0, batch_size=4)
 out = {}
 for label, devices in (("one", []), ("four", None)):
     n = pipe.use_devices(devices)
-    res = jaxdrag.edit_batch(pipe, reqs, "dragtext", settings=st, max_iters=3)
+    res = jaxdrag.edit_batch(pipe, reqs, sys.argv[2], settings=st, **json.loads(sys.argv[3]))
     out[label] = {"n": n, "handles": [r.handles.tolist() for r in res], "iters": [r.iterations for r in res],
                   "images": [r.image.astype(int).tolist() for r in res]}
 print(json.dumps(out))
@@ -46,12 +46,15 @@ def _env(**extra):
     return env
 
 
-def test_four_devices_equal_one(tiny_models):
+@pytest.mark.parametrize("method", ["dragtext", "gooddrag+dragtext", "freedrag+dragtext", "dragnoise"])
+def test_four_devices_equal_one(tiny_models, method):
     import numpy as np
 
+    from helpers import short_run
+
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    p = subprocess.run([sys.executable, "-c", MULTI, str(tiny_models[0])], env=env, capture_output=True,
-                       text=True, timeout=1200)
+    p = subprocess.run([sys.executable, "-c", MULTI, str(tiny_models[0]), method, json.dumps(short_run(method, 3))],
+                       env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["one"]["n"] == 1 and out["four"]["n"] == 4
