@@ -391,7 +391,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_toybench(args) -> int:
-    from .drag.methods import resolve, valid_settings
+    from .drag.methods import overrides_per_method, resolve
     from .toy import runner
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -400,11 +400,9 @@ def cmd_toybench(args) -> int:
     if bad:
         raise SettingsError(f"--methods: unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     overrides = _overrides(args)
-    unused = [k for k in overrides if not any(k in valid_settings(m) for m in methods)]
-    if unused:
-        raise SettingsError(f"drag setting(s) {unused} are read by none of the methods {', '.join(methods)}")
     # every setting checked before loading; each method gets the ones it reads
-    cfgs = [resolve(m, **{k: v for k, v in overrides.items() if k in valid_settings(m)})[0] for m in methods]
+    per_method = overrides_per_method(methods, overrides)
+    cfgs = [resolve(m, **per_method[m])[0] for m in methods]
     settings = _settings(args)
     pipe = _load(args, any(c.use_clip for c in cfgs))
     rows = runner.run(pipe, methods, args.out, n_tasks=args.tasks, batch_size=args.batch_size,

@@ -175,6 +175,11 @@ class Prepared:
     latent_hw: tuple[int, int]
     in_hw: tuple[int, int]
 
+    @property
+    def masked(self) -> bool:
+        """A mask was drawn (nonzero somewhere)."""
+        return self.request.mask is not None and bool(np.any(self.request.mask))
+
     def to_pixels(self, rc: np.ndarray) -> np.ndarray:
         """(…, 2) (row, col) supervision px → (…, 2) [x, y] input pixels."""
         h, w = self.in_hw
@@ -202,7 +207,7 @@ def prepare(req: EditRequest, width: int | None, native: int) -> Prepared:
     pts = np.asarray(req.points, np.float64)
     rc = np.stack([np.round(pts[:, 1] * sup[0] / h), np.round(pts[:, 0] * sup[1] / w)], axis=-1)
     rc = np.clip(rc, 0, [sup[0] - 1, sup[1] - 1]).astype(np.float32)
-    if req.mask is not None and req.mask.any():
+    if req.mask is not None and np.any(req.mask):
         m = resize_nearest(req.mask.astype(np.float32), (hh, ww))
         m = resize_nearest(resize_nearest(m, sup), lat)
         keep = (1.0 - m)[..., None].astype(np.float32)

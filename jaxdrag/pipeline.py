@@ -26,6 +26,7 @@ from PIL import Image
 
 from . import weights
 from .drag import DragConfig, DragHypers, DragNetworks, make_runner
+from .drag.loop import reached as drag_reached
 from .drag.loop import update_budget
 from .models.lora import init_lora, zeros_lora
 from .precision import Policy, policy_for
@@ -367,9 +368,10 @@ class Pipeline:
         return int(self.sd.vae.cfg.sample_size)
 
     def unet_apply(self, params, lora, x, t, ctx, *, reference: bool = False, mid_override=None,
-                   remat: bool = False):
+                   mid_use=None, remat: bool = False):
         m = nnx.merge(self.sd.unet.graphdef, lora, params)
-        return m(x, t, ctx, reference_attention=reference, mid_override=mid_override, remat=remat)
+        return m(x, t, ctx, reference_attention=reference, mid_override=mid_override, mid_use=mid_use,
+                 remat=remat)
 
     def vae_encode_apply(self, params, images):
         return nnx.merge(self.sd.vae.graphdef, params).encode(images)
@@ -549,12 +551,8 @@ class Pipeline:
 
             def body(z, k):
                 t = ts[k]
-                plain = self.unet_apply(params, lora, z, t, ctx, reference=reference)[0]
-                eps = plain
-                if with_mid:
-                    inj = self.unet_apply(params, lora, z, t, ctx, reference=reference,
-                                          mid_override=jnp.stack([h, h]))[0]
-                    eps = jnp.where(k < mid_steps, inj, plain) if mid_steps < n_steps else inj
+                inject = dict(mid_override=jnp.stack([h, h]), mid_use=k < mid_steps) if with_mid else {}
+                eps = self.unet_apply(params, lora, z, t, ctx, reference=reference, **inject)[0]
                 return jnp.where(k >= s0, ddim_step(self.schedule, z, eps, t), z), None
             return jax.lax.scan(body, jnp.stack([zs, ze]), jnp.arange(n_steps))[0][1]
 
@@ -838,10 +836,10 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     n = max([len(p.handles) for p in group] + [n_pairs or 1])
     h0, mask = _pad_points([p.handles for p in group], n)
     tg, _ = _pad_points([p.targets for p in group], n)
-    keep = np.stack([p.keep for p in group])
-    if cfg.background == "always":  # GoodDrag, DragNoise: no mask drawn → the whole image is kept
-        keep = np.stack([p.keep if p.request.mask is not None and np.any(p.request.mask) else np.ones_like(p.keep)
-                         for p in group])
+    # no mask drawn: keep is all zeros (no background term); GoodDrag and DragNoise
+    # (background "always") keep the whole image instead
+    keep = np.stack([np.ones_like(p.keep) if cfg.background == "always" and not p.masked else p.keep
+                     for p in group])
     t_star = int(pipe.schedule.timesteps[pipe.schedule.start_index(settings.inversion_strength)])
     hyp = DragHypers(*(jnp.asarray([hp[k] for hp in hypers], jnp.float32) for k in DragHypers._fields))
 
@@ -875,9 +873,7 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     compile_s = dict(pipe.stages.last_compile_s)
 
     st = jax.tree.map(np.asarray, state)
-    reached = st.reached if cfg.host == "gooddrag" else st.done
-    if cfg.host == "freedrag":
-        reached = np.all(st.sign, axis=-1)  # every pair done (sub-target at its target, loss low)
+    reached = np.asarray(drag_reached(cfg, state))
     results = []
     for i, p in enumerate(group[:n_real]):
         img = out[i]

@@ -232,10 +232,9 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     if cfg.stale_latent_grad:
         stale = jnp.where(conv, stale, g_loss_z)  # the else branch's second backward of L
     if cfg.optimize_text:
-        # ∇_ĉ L_text's motion part: the cotangent of Σℓ alone (its value equals L's motion term)
-        gf_ms = jax.grad(lambda fl: jnp.sum(jnp.where(inp.mask, point_losses(
-            upsample_features(fl, cfg.sup_hw), q, jax.lax.stop_gradient(tmpl), w), 0.0)))(f_lat)
-        pz_t, pc_t = vjp((jnp.zeros_like(geps), gf_ms))
+        # ∇_ĉ L_text's motion part: the cotangent of Σℓ alone, which is ∂L/∂F = gf (the background
+        # term does not depend on F)
+        pz_t, pc_t = vjp((jnp.zeros_like(geps), gf))
         text_now = conv & jnp.any(ltype & inp.mask)
         g_c = text_gradient(acc + pc + pc_t, st.c, inp.c0, inp.token_mask, hp.text_lam)
         c_step, opt_step = text_step(st.c, st.opt_c, g_c, hp.text_lr)

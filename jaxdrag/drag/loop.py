@@ -45,12 +45,12 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from ..schedule import DDIM, ddim_step, predict_x0
 from .fusion import RULES, fuse
 from .losses import (STOP_DISTANCE, background_loss, background_weight, clip_loss, motion_supervision,
                      reference_patches, upsample_features)
+from .text import ADAM as _ADAM
 from .text import text_cotangent, text_gradient, text_loss, text_step
 from .tracking import templates, track
 
@@ -187,7 +187,6 @@ def failure_update(st, fail_now: Array, checks: Array) -> dict:
                 fail_what=jnp.where(fail_now, jnp.argmin(checks).astype(jnp.int32), st.fail_what))
 
 
-_ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
 
 def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Array, handles0: Array,
@@ -353,6 +352,16 @@ def update_budget(cfg: DragConfig) -> int:
     if cfg.host == "gooddrag":
         return cfg.drag_end_step * cfg.track_per_step * cfg.max_drag_per_track
     return cfg.max_iters
+
+
+def reached(cfg: DragConfig, state) -> Array:
+    """(B,) bool: every handle of the edit reached its target — DragDiffusion's and DragNoise's stop
+    flag, GoodDrag's reached flag, FreeDrag's every-pair-done signs."""
+    if cfg.host == "gooddrag":
+        return state.reached
+    if cfg.host == "freedrag":
+        return jnp.all(state.sign, axis=-1)
+    return state.done
 
 
 def host_functions(cfg: DragConfig) -> tuple[Callable, Callable]:

@@ -57,8 +57,10 @@ _PRESETS: dict[str, tuple[dict, dict]] = {
     "dragnoise+dragtext": (dict(_NOISE, **_TEXT), dict(_NOISE_HYP, **_TEXT_HYP)),
 }
 
-# pipeline-level defaults (ALGORITHMS.md §8): LoRA steps / lr and inversion strength
+# pipeline-level defaults (ALGORITHMS.md §8) per method family (the name before "+"): LoRA steps /
+# lr and inversion strength
 _PIPELINE = {"dragdiffusion": dict(lora_steps=80, lora_lr=5e-4, inversion_strength=0.7),
+             "dragtext": dict(lora_steps=80, lora_lr=5e-4, inversion_strength=0.7),
              "clipdrag": dict(lora_steps=80, lora_lr=5e-4, inversion_strength=0.7),
              "gooddrag": dict(lora_steps=70, lora_lr=5e-4, inversion_strength=0.75),
              "freedrag": dict(lora_steps=200, lora_lr=2e-4, inversion_strength=0.7),
@@ -113,8 +115,16 @@ def valid_settings(method: str) -> tuple[str, ...]:
 
 def pipeline_defaults(method: str) -> dict:
     """{lora_steps, lora_lr, inversion_strength} of ``method``'s reference (ALGORITHMS.md §8)."""
-    key = _key(method)
-    return dict(_PIPELINE[_PRESETS[key][0].get("host", "clipdrag" if "clip" in key else "dragdiffusion")])
+    return dict(_PIPELINE[_key(method).split("+")[0]])
+
+
+def overrides_per_method(methods, overrides: dict) -> dict[str, dict]:
+    """Route drag settings to the methods that read them (a benchmark over several methods):
+    {method: its overrides}. Raises SettingsError for a setting no method reads."""
+    unused = [k for k in overrides if not any(k in valid_settings(m) for m in methods)]
+    if unused:
+        raise SettingsError(f"drag setting(s) {unused} are read by none of the methods {', '.join(methods)}")
+    return {m: {k: v for k, v in overrides.items() if k in valid_settings(m)} for m in methods}
 
 
 def check_hypers(hypers: dict) -> dict[str, float]:

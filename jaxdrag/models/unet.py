@@ -451,7 +451,7 @@ class UNet2DConditionModel(nnx.Module):
                                       for i in range(n_up))
 
     def __call__(self, x: Array, t: Array, context: Array, *, reference_attention: bool = False,
-                 mid_override: Array | None = None, remat: bool = False):
+                 mid_override: Array | None = None, mid_use: Array | None = None, remat: bool = False):
         cfg = self.cfg
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
@@ -467,8 +467,9 @@ class UNet2DConditionModel(nnx.Module):
             skips.extend(s)
         h = self.mid_block(h, temb, context, remat)
         taps = {"mid": h, "up": []}
-        if mid_override is not None:
-            h = mid_override.astype(h.dtype)
+        if mid_override is not None:  # mid_use (bool scalar, traced): override only where True
+            h = (mid_override.astype(h.dtype) if mid_use is None
+                 else jnp.where(mid_use, mid_override.astype(h.dtype), h))
         n = len(self.up_blocks)
         for i, blk in enumerate(self.up_blocks):
             mine = skips[-len(blk.resnets):]

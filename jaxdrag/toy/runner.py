@@ -37,16 +37,13 @@ def run(pipe, methods: Sequence[str], out: Path, *, tasks: Sequence[bench.Task] 
     """Run ``methods`` on the tasks; returns {method: summary} (also written to ``out``). Each
     method gets the ``overrides`` it reads (``methods.valid_settings``); one that no method reads
     is an error."""
-    from ..drag.methods import valid_settings
-    from ..errors import SettingsError
+    from ..drag.methods import overrides_per_method
     from ..pipeline import EditSettings, edit_batch
 
     out = Path(out)
     tasks = list(tasks) if tasks is not None else bench.make_tasks(n_tasks)
     overrides = dict(overrides or {})
-    unused = [k for k in overrides if not any(k in valid_settings(m) for m in methods)]
-    if unused:
-        raise SettingsError(f"drag setting(s) {unused} are read by none of the methods {', '.join(methods)}")
+    per_method = overrides_per_method(methods, overrides)
     settings = settings or EditSettings()
     if pipe.lora_cache is None:
         pipe.enable_lora_cache()
@@ -60,8 +57,7 @@ def run(pipe, methods: Sequence[str], out: Path, *, tasks: Sequence[bench.Task] 
             chunk = todo[s:s + batch_size]
             t0 = time.perf_counter()
             results = edit_batch(pipe, [request(t) for t in chunk], method, settings=settings,
-                                 progress=progress, **{k: v for k, v in overrides.items()
-                                                       if k in valid_settings(method)})
+                                 progress=progress, **per_method[method])
             for t, r in zip(chunk, results):
                 write_result(r, mdir / t.name)
                 m = bench.measure(t, r.image)
