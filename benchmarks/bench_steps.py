@@ -33,7 +33,7 @@ import common  # noqa: E402
 import torch_reference as tref  # noqa: E402
 from jaxdrag.drag import DragHypers, make_runner, prepare_batch, resolve, step  # noqa: E402
 from jaxdrag.models.lora import init_lora  # noqa: E402
-from jaxdrag.pipeline import LoRASettings  # noqa: E402
+from jaxdrag.pipeline import EditSettings, LoRASettings  # noqa: E402
 
 
 def batch_of(x, b):
@@ -98,7 +98,8 @@ def bench_jax(pipe, b, res, iters, loop_iters):
     out["drag_loop_per_iter_s"] = r["median_s"] / loop_iters
     out["drag_loop_iters"] = loop_iters
 
-    settings = LoRASettings(batch=4, chunk=iters)
+    # DragDiffusion's LoRA defaults (steps, lr) filled in as an edit would
+    settings = EditSettings(lora=LoRASettings(batch=4, chunk=iters)).for_method("dragdiffusion").lora
     crop = lat_hw
     fn = pipe._lora_chunk_fn(settings, iters, crop)
     rs = np.random.RandomState(1)
