@@ -150,3 +150,83 @@ def ensure_tiny(root: Path | None = None) -> tuple[Path, Path]:
     if not _current(clip, "config.json"):
         write_tiny_clip(root)
     return sd, clip
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny evaluation networks (``jaxdrag eval`` tests and CPU benchmarks)
+
+# SD-2.1's structure (linear projections, per-level head counts, upcast attention, a gelu
+# OpenCLIP-style text tower that pads with "!") at tiny widths
+TINY_SD21_UNET = UNetConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+                            num_attention_heads=(2, 2, 4, 4), cross_attention_dim=48,
+                            use_linear_projection=True, norm_num_groups=8, sample_size=16)
+TINY_SD21_TEXT = CLIPTextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                num_attention_heads=4, hidden_act="gelu", projection_dim=32)
+TINY_CLIP_B32_VISION = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=224, patch_size=32,
+                                        projection_dim=32)
+
+
+def write_tiny_sd21(root: Path, seed: int = 20) -> Path:
+    """A tiny SD-2.1-architecture diffusers folder ``root/tiny-sd21`` (DIFT's model)."""
+    out = Path(root) / "tiny-sd21"
+    tmp = Path(root) / ".tiny-sd21.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet = random_state(lambda: UNet2DConditionModel(TINY_SD21_UNET), seed)
+    vae = random_state(lambda: AutoencoderKL(TINY_VAE), seed + 1)
+    text = random_state(lambda: CLIPTextModel(TINY_SD21_TEXT), seed + 2)
+    weights.save_safetensors(unet, tmp / "unet" / "diffusion_pytorch_model.safetensors")
+    _write_json(tmp / "unet" / "config.json", {**TINY_SD21_UNET.to_diffusers(), "upcast_attention": True})
+    weights.save_safetensors(vae, tmp / "vae" / "diffusion_pytorch_model.safetensors")
+    _write_json(tmp / "vae" / "config.json", TINY_VAE.to_diffusers())
+    weights.save_safetensors(text, tmp / "text_encoder" / "model.safetensors")
+    _write_json(tmp / "text_encoder" / "config.json", TINY_SD21_TEXT.to_hf())
+    shutil.copytree(BUNDLED, tmp / "tokenizer")
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        cfg = json.loads((tmp / "tokenizer" / name).read_text())
+        cfg["pad_token"] = "!"
+        _write_json(tmp / "tokenizer" / name, cfg)
+    _write_json(tmp / "scheduler" / "scheduler_config.json", {
+        "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+        "steps_offset": 1, "num_train_timesteps": 1000, "prediction_type": "v_prediction"})
+    _write_json(tmp / "model_index.json", {"_class_name": "StableDiffusionPipeline",
+                                           "jaxdrag_tiny_version": _VERSION})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def write_tiny_clip_b32(root: Path, seed: int = 30) -> Path:
+    """A tiny CLIP of the ViT-B/32 architecture (patch 32) as an HF ``CLIPModel`` folder."""
+    out = Path(root) / "tiny-clip-vit-b32"
+    proj = TINY_CLIP_B32_VISION.projection_dim
+    state = random_state(lambda: CLIPModel(TINY_CLIP_TEXT, TINY_CLIP_B32_VISION, proj), seed)
+    state["logit_scale"] = np.asarray(2.6592, np.float32)
+    weights.save_safetensors(state, out / "model.safetensors")
+    _write_json(out / "config.json", {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": proj,
+        "logit_scale_init_value": 2.6592, "text_config": TINY_CLIP_TEXT.to_hf(),
+        "vision_config": TINY_CLIP_B32_VISION.to_hf()})
+    return out
+
+
+def write_random_lpips(path: Path, seed: int = 40) -> Path:
+    """LPIPS-AlexNet (full size: AlexNet is small) with random trunk and heads, in lpips' names,
+    as one .safetensors file."""
+    from .eval.networks import lpips_name
+    from .models.alexnet import LPIPS
+
+    ours = random_state(lambda: LPIPS(), seed)
+    inv = {}
+    for k, v in ours.items():  # jaxdrag names → lpips' module names
+        if k.startswith("features.conv"):
+            idx, leaf = k[len("features.conv"):].split(".")
+            from .models.alexnet import CONVS
+            slice_no = [c[0] for c in CONVS].index(int(idx)) + 1
+            inv[f"net.slice{slice_no}.{idx}.{leaf}"] = v
+        else:
+            inv[k.replace(".weight", ".model.1.weight")] = np.abs(v)  # lpips heads are ≥ 0
+    assert all(lpips_name(k) in ours for k in inv)
+    weights.save_safetensors(inv, Path(path))
+    return Path(path)

@@ -34,7 +34,8 @@ class Tokenizer:
     (ALGORITHMS.md §3.2), at most 76.
     """
 
-    def __init__(self, folder: str | Path | None = None, max_length: int = 77):
+    def __init__(self, folder: str | Path | None = None, max_length: int = 77,
+                 pad_token: str | None = None):
         from transformers import CLIPTokenizer
 
         folder = Path(folder) if folder is not None else BUNDLED
@@ -43,7 +44,9 @@ class Tokenizer:
         if missing:
             raise FileNotFoundError(f"{folder}: tokenizer folder lacks {', '.join(missing)}")
         self.folder = folder
-        self.tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
+        # pad_token: SD-2.x pads with "!" (its tokenizer folder says so; a single file has none)
+        extra = {"pad_token": pad_token} if pad_token is not None else {}
+        self.tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length, **extra)
         self.max_length = max_length
         self.eos_id = self.tok.eos_token_id
 

@@ -482,12 +482,15 @@ def load_hf_clip(folder: Path, *, dtype, attn_impl="auto") -> Component:
         cfg=(tc, vc, proj), ignore=lambda k: is_buffer(k) or k == "logit_scale")
 
 
-def load_single_file(path: Path, *, dtype, attn_impl="auto", lora_rank: int = 16, configs=None):
+def load_single_file(path: Path, *, dtype, attn_impl="auto", lora_rank: int = 16, configs=None,
+                     text: bool = True):
     """An LDM single-file SD-1.x ``.safetensors`` → (unet, vae, text_encoder) Components.
 
     Single files carry no config: the SD-1.5 configs are used (or ``configs`` = (UNetConfig,
-    VAEConfig, CLIPTextConfig)) after checking the architecture from tensor shapes (SD-2.x
-    files, with 1024-wide cross-attention, are rejected by name)."""
+    VAEConfig, CLIPTextConfig)) after checking the architecture from tensor shapes (files whose
+    cross-attention width differs from the config's, e.g. SD-2.x for SD-1.5, are rejected by name).
+    ``text=False`` loads only the UNet and VAE (text_encoder None) and leaves every
+    ``cond_stage_model.`` key to the caller (SD-2.x's OpenCLIP tower, ``eval.networks``)."""
     from .models.clip import SD15_TEXT, CLIPTextModel
     from .models.unet import SD15_UNET, UNet2DConditionModel
     from .models.vae import SD15_VAE, AutoencoderKL
@@ -506,8 +509,9 @@ def load_single_file(path: Path, *, dtype, attn_impl="auto", lora_rank: int = 16
                            f"prefixes {LDM_UNET!r}, {LDM_VAE!r}, {LDM_TEXT!r}")
     ctx_dim = src.shape(probe)[1]
     if ctx_dim != SD15_UNET.cross_attention_dim:
-        raise WeightsError(f"{path}: cross-attention width {ctx_dim} (key {probe!r}); only SD-1.x "
-                           f"(768) single files are supported")
+        raise WeightsError(f"{path}: cross-attention width {ctx_dim} (key {probe!r}); expected "
+                           f"{SD15_UNET.cross_attention_dim} (SD-1.x: 768; SD-2.x files are read "
+                           f"by the DIFT loader of `jaxdrag eval`)")
 
     def part(prefix: str, to_diffusers: dict[str, str], label: str):
         return _PrefixView(src, prefix, to_diffusers, label)
@@ -522,16 +526,19 @@ def load_single_file(path: Path, *, dtype, attn_impl="auto", lora_rank: int = 16
 
     unet = _fill(unet_abs, SD15_UNET, part(LDM_UNET, unet_map, f"{path} [UNet, {LDM_UNET}*]"))
     vae = _fill(vae_abs, SD15_VAE, part(LDM_VAE, vae_map, f"{path} [VAE, {LDM_VAE}*]"))
-    text_abs = abstract(lambda: CLIPTextModel(SD15_TEXT, dtype=dtype, attn_impl=attn_impl))
-    text_map = {k: k for k in key_table(text_abs[2])}  # HF names after the prefix
-    text = _fill(text_abs, SD15_TEXT, part(LDM_TEXT, text_map, f"{path} [text encoder, {LDM_TEXT}*]"),
-                 ignore=is_buffer)
-    leftovers = [k for k in src.keys() if not k.startswith((LDM_UNET, LDM_VAE, LDM_TEXT))
+    text_enc = None
+    if text:
+        text_abs = abstract(lambda: CLIPTextModel(SD15_TEXT, dtype=dtype, attn_impl=attn_impl))
+        text_map = {k: k for k in key_table(text_abs[2])}  # HF names after the prefix
+        text_enc = _fill(text_abs, SD15_TEXT,
+                         part(LDM_TEXT, text_map, f"{path} [text encoder, {LDM_TEXT}*]"), ignore=is_buffer)
+    text_ns = LDM_TEXT if text else "cond_stage_model."
+    leftovers = [k for k in src.keys() if not k.startswith((LDM_UNET, LDM_VAE, text_ns))
                  and not k.startswith("model_ema.") and k not in _LDM_IGNORED]
     if leftovers:
         raise WeightsError(f"{path}: {len(leftovers)} key(s) outside the UNet/VAE/text-encoder "
                            f"namespaces: {', '.join(leftovers[:5])}")
-    return unet, vae, text
+    return unet, vae, text_enc
 
 
 class _PrefixView:

@@ -73,7 +73,7 @@ class UNetConfig:
         "act_fn": "silu", "center_input_sample": False, "class_embed_type": None,
         "addition_embed_type": None, "time_embedding_type": "positional",
         "resnet_time_scale_shift": "default", "only_cross_attention": False,
-        "dual_cross_attention": False, "upcast_attention": False, "conv_in_kernel": 3,
+        "dual_cross_attention": False, "conv_in_kernel": 3,
         "conv_out_kernel": 3, "time_cond_proj_dim": None, "encoder_hid_dim": None,
         "mid_block_type": "UNetMidBlock2DCrossAttn", "num_class_embeds": None,
         "projection_class_embeddings_input_dim": None, "time_embedding_act_fn": None,
@@ -91,7 +91,9 @@ class UNetConfig:
     def from_diffusers(cls, cfg: dict, source: str = "unet/config.json") -> "UNetConfig":
         """Build from a diffusers config dict; unsupported architecture options raise ValueError
         naming the key. diffusers' naming quirk is reproduced: with ``num_attention_heads`` unset,
-        ``attention_head_dim`` is the number of heads (8 for SD-1.5)."""
+        ``attention_head_dim`` is the number of heads (8 for SD-1.5; 5/10/20/20 for SD-2.1).
+        ``upcast_attention`` (SD-2.1: true) is accepted either way: jaxdrag's attention always
+        computes its logits and softmax in float32, which is what the flag asks for."""
         for key, ok in cls._SUPPORTED_DEFAULTS.items():
             val = cfg.get(key, ok)
             if key == "act_fn" and val == "swish":
@@ -451,7 +453,12 @@ class UNet2DConditionModel(nnx.Module):
                                       for i in range(n_up))
 
     def __call__(self, x: Array, t: Array, context: Array, *, reference_attention: bool = False,
-                 mid_override: Array | None = None, mid_use: Array | None = None, remat: bool = False):
+                 mid_override: Array | None = None, mid_use: Array | None = None, remat: bool = False,
+                 up_until: int | None = None):
+        """x: (B, h, w, C_in) latents, t: scalar or (B,) timesteps, context: (B, S, D) →
+        (ε (B, h, w, C_out), taps {"mid": bottleneck, "up": [output of each up block, after its
+        upsampler]}). ``up_until = i`` (static) stops after up block i and returns ε = None (DIFT
+        reads ``up_blocks[1]`` and needs nothing above it)."""
         cfg = self.cfg
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
@@ -480,6 +487,8 @@ class UNet2DConditionModel(nnx.Module):
             ref_from = self.reference_starts[i] if reference_attention else 1 << 30
             h = blk(h, mine, temb, context, size, ref_from, remat)
             taps["up"].append(h)
+            if up_until is not None and i >= up_until:
+                return None, taps
         h = jax.nn.silu(self.conv_norm_out(h))
         eps = self.conv_out(h)
         return eps, taps
