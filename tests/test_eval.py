@@ -263,3 +263,49 @@ def test_dragbench_samples_with_tiny_networks(nets, tmp_path):
     for n in names:
         rec = json.loads((tmp_path / "eval" / "samples" / f"{n}.json").read_text())
         assert len(rec["metrics"]["md"]) == rec["pairs"] and rec["prompt"]
+
+
+def test_sd21_single_file_with_openclip_text_tower_equals_the_folder(tmp_path):
+    """An LDM single file of SD-2.x (UNet/VAE in LDM names, the text tower in OpenCLIP's layout
+    with fused q/k/v and one more block than is used) loads to the folder's parameters."""
+    import jax
+    from safetensors.numpy import load_file
+
+    from jaxdrag import weights
+    from jaxdrag.eval.networks import OPENCLIP, load_sd2_single_file
+
+    folder = tiny.write_tiny_sd21(tmp_path)
+    unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    text = load_file(folder / "text_encoder" / "model.safetensors")
+    flat = weights.to_ldm_single_file(unet, vae, {}, tiny.TINY_SD21_UNET, tiny.TINY_VAE)
+    t = lambda k: text["text_model." + k] if "text_model." + k in text else text[k]  # noqa: E731
+    oc = {"token_embedding.weight": t("embeddings.token_embedding.weight"),
+          "positional_embedding": t("embeddings.position_embedding.weight"),
+          "ln_final.weight": t("final_layer_norm.weight"), "ln_final.bias": t("final_layer_norm.bias"),
+          "text_projection": np.ones((48, 32), np.float32), "logit_scale": np.asarray(4.6, np.float32)}
+    n = tiny.TINY_SD21_TEXT.num_hidden_layers
+    for i in range(n + 1):  # block n is the unused last layer (SD-2.x reads the penultimate)
+        j = min(i, n - 1)
+        L = f"encoder.layers.{j}."
+        b = f"transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            oc[b + f"attn.in_proj_{leaf}"] = np.concatenate(
+                [t(L + f"self_attn.{p}_proj.{leaf}") for p in "qkv"]) * (1.0 if i < n else 7.0)
+            for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                                 ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                oc[b + f"{theirs}.{leaf}"] = t(L + f"{ours}.{leaf}")
+    flat.update({OPENCLIP + k: v for k, v in oc.items()})
+    weights.save_safetensors(flat, tmp_path / "sd21.safetensors")
+    u, v, x = load_sd2_single_file(tmp_path / "sd21.safetensors", dtype=jnp.float32,
+                                   configs=(tiny.TINY_SD21_UNET, tiny.TINY_VAE, tiny.TINY_SD21_TEXT))
+    ref = load_dift(folder)
+    for got, want in ((u, ref.unet), (v, ref.vae), (x, ref.text_encoder)):
+        for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # an SD-1.x file is not mistaken for one
+    with pytest.raises(WeightsError, match="not an SD-2.x single file"):
+        weights.save_safetensors(weights.to_ldm_single_file(unet, vae, {}, tiny.TINY_SD21_UNET, tiny.TINY_VAE),
+                                 tmp_path / "no_text.safetensors")
+        load_sd2_single_file(tmp_path / "no_text.safetensors", dtype=jnp.float32,
+                             configs=(tiny.TINY_SD21_UNET, tiny.TINY_VAE, tiny.TINY_SD21_TEXT))

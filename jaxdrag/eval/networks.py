@@ -141,22 +141,21 @@ def open_clip_to_hf(tensors: dict[str, np.ndarray], num_layers: int) -> dict[str
         if k in simple:
             out[pre + simple[k]] = v
             continue
-        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", k)
+        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", k)
         if not m:
             out[pre + k] = v  # unknown: reported by ``assign``
             continue
-        i, name, leaf = int(m[1]), m[2], m[3]
+        i, rest = int(m[1]), m[2]
         if i >= num_layers:
             continue
         lp = f"{pre}encoder.layers.{i}."
-        if name == "attn.in_proj":
-            q, kk, vv = np.split(np.asarray(v), 3, axis=0)
-            for n, a in (("q_proj", q), ("k_proj", kk), ("v_proj", vv)):
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):  # nn.MultiheadAttention's fused q/k/v
+            leaf = rest.rsplit("_", 1)[1]
+            for n, a in zip(("q_proj", "k_proj", "v_proj"), np.split(np.asarray(v), 3, axis=0)):
                 out[f"{lp}self_attn.{n}.{leaf}"] = a
-        elif name in block:
-            out[f"{lp}{block[name]}.{leaf}"] = v
-        else:
-            out[pre + k] = v
+            continue
+        name, _, leaf = rest.rpartition(".")
+        out[f"{lp}{block[name]}.{leaf}" if name in block else pre + k] = v
     return out
 
 
