@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .drag.loop import DragConfig, DragHypers
+from .drag.loop import DragConfig
 from .drag.methods import CONFIG_KEYS, HYPER_KEYS, METHODS
 from .errors import SettingsError
 
@@ -406,9 +406,9 @@ def cmd_toybench(args) -> int:
     cfgs = [resolve(m, **per_method[m])[0] for m in methods]
     settings = _settings(args)
     pipe = _load(args, any(c.use_clip for c in cfgs))
-    rows = runner.run(pipe, methods, args.out, n_tasks=args.tasks, batch_size=args.batch_size,
-                      settings=settings, overrides=overrides, progress=not args.quiet,
-                      log=lambda s: print(s, file=sys.stderr))
+    runner.run(pipe, methods, args.out, n_tasks=args.tasks, batch_size=args.batch_size,
+               settings=settings, overrides=overrides, progress=not args.quiet,
+               log=lambda s: print(s, file=sys.stderr))
     print((Path(args.out) / "toybench.md").read_text())
     return 0
 

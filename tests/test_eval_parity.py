@@ -3,10 +3,7 @@ LPIPS against the ``lpips`` package, DIFT features against a diffusers statement
 SD-2.1-architecture model, the mean-distance matching against the script's torch code, CLIP
 ViT-B/32 image embeddings against transformers."""
 
-import importlib.util
 import runpy
-import sys
-import types
 from pathlib import Path
 
 import jax
@@ -16,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import nchw, nhwc  # noqa: E402
+from helpers import TorchDift, import_lpips, nchw, nhwc, torch_match  # noqa: E402
 from jaxdrag import tiny  # noqa: E402
 from jaxdrag.eval import load_clip_image, load_dift, load_lpips  # noqa: E402
 from jaxdrag.eval.image import clip_preprocess, resize_bilinear  # noqa: E402
@@ -25,37 +22,12 @@ from jaxdrag.eval.metrics import dift_features, lpips_224, match_distances  # no
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _torchvision_alexnet(pretrained=False, **_):
-    """torchvision's ``alexnet().features`` architecture (random init). PyPI's torchvision does
-    not import beside the CPU torch build the tests use ('operator torchvision::nms does not
-    exist') and breaks transformers' imports when installed, so lpips gets this stand-in."""
-    nn = torch.nn
-    assert not pretrained, "ImageNet weights cannot be downloaded here"
-    m = nn.Module()
-    m.features = nn.Sequential(
-        nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
-    return m
-
-
 @pytest.fixture(scope="module")
 def lpips_pkg():
-    if importlib.util.find_spec("lpips") is None:
+    lp = import_lpips()
+    if lp is None:
         pytest.skip("the lpips package is not installed (pip install --no-deps lpips==0.1.4)")
-    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
-        tv = types.ModuleType("torchvision")
-        tv.models = types.SimpleNamespace(alexnet=_torchvision_alexnet)
-        sys.modules["torchvision"] = tv
-        try:
-            import lpips
-        finally:
-            del sys.modules["torchvision"]
-    else:
-        import lpips
-    return lpips
+    return lp
 
 
 def _convert(argv):
@@ -108,31 +80,6 @@ def sd21(tmp_path_factory):
     return tiny.write_tiny_sd21(tmp_path_factory.mktemp("sd21"))
 
 
-def _torch_dift(folder, image, prompt, eps_p, eps_n, t, up_index):
-    """DIFT as ``dift_sd.py`` computes it (diffusers modules; the posterior sample and the
-    add_noise noise given explicitly; the UNet's up_blocks[up_index] output captured by a hook)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    sched = DDIMScheduler.from_pretrained(folder / "scheduler")
-    e = eps_p.shape[0]
-    ids = tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    grabbed = {}
-    unet.up_blocks[up_index].register_forward_hook(lambda m, i, o: grabbed.__setitem__("ft", o))
-    with torch.no_grad():
-        ctx = text(ids)[0].repeat(e, 1, 1)
-        x = nchw(image).repeat(e, 1, 1, 1)
-        post = vae.encode(x).latent_dist
-        lat = (post.mean + post.std * eps_p) * vae.config.scaling_factor
-        noisy = sched.add_noise(lat, eps_n, torch.tensor(t, dtype=torch.long))
-        unet(noisy, t, encoder_hidden_states=ctx)
-    return nhwc(grabbed["ft"].mean(0, keepdim=True))[0], ids.numpy()
-
-
 def test_dift_features_equal_diffusers(sd21):
     from flax import nnx
 
@@ -146,7 +93,9 @@ def test_dift_features_equal_diffusers(sd21):
     lat_hw = (9, 11)
     eps_p = rng.normal(size=(e, 4, *lat_hw)).astype(np.float32)
     eps_n = rng.normal(size=(e, 4, *lat_hw)).astype(np.float32)
-    want, ids = _torch_dift(sd21, image, prompt, torch.from_numpy(eps_p), torch.from_numpy(eps_n), t, up)
+    ref = TorchDift(sd21)
+    want = nhwc(ref.features(nchw(image), prompt, t, up, e, torch.from_numpy(eps_p), torch.from_numpy(eps_n)))[0]
+    ids = ref.ids(prompt).numpy()
 
     np.testing.assert_array_equal(m.tokenizer.ids([prompt]), ids)  # pads with "!" (id 0)
     assert (ids[0] == 0).sum() > 50
@@ -173,14 +122,7 @@ def test_mean_distance_matching_equals_the_script():
     handles = np.array([[10, 20], [79, 95], [0, 0], [40, 51]])
     targets = np.array([[30, 25], [60, 90], [5, 9], [41, 50]])
     up = lambda f: torch.nn.functional.interpolate(nchw(f[None]), big, mode="bilinear")  # noqa: E731
-    ts, td = up(f_src), up(f_drag)
-    cos = torch.nn.CosineSimilarity(dim=1)
-    want = []
-    for (hx, hy), (tx, ty) in zip(handles, targets):
-        v = ts[0, :, hy, hx].view(1, c, 1, 1)
-        cmap = cos(v, td).numpy()[0]
-        rc = np.unravel_index(cmap.argmax(), cmap.shape)
-        want.append(float(np.linalg.norm(np.array([ty, tx]) - np.array(rc))))
+    want, _ = torch_match(up(f_src), up(f_drag), handles, targets)
     for rows in (7, 64, 200):  # chunking of the full-resolution map does not matter
         d, _ = match_distances(jnp.asarray(f_src), jnp.asarray(f_drag), jnp.asarray(handles),
                                jnp.asarray(targets), hw=big, rows=rows)

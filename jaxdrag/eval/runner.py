@@ -29,7 +29,7 @@ from ..data import RequestError, find_samples, write_json
 from ..errors import SettingsError
 from .image import (EvalInputError, clip_preprocess, pil_resize_to, read_rgb, resize_bilinear,
                     to_signed, to_signed_dift)
-from .metrics import clip_cosine, dai, dift_features, lpips_224, match_distances
+from .metrics import clip_cosine, dai, dift_features, match_distances
 
 METRICS = ("lpips", "clip", "md", "dai")
 RESULT_NAMES = ("edited.png", "dragged_image.png", "output_image.png")
