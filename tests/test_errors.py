@@ -7,7 +7,6 @@ import json
 import pickle
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image

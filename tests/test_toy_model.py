@@ -4,7 +4,6 @@ the measurements recorded in weights/toy-sd15/README.md, with margin)."""
 
 import json
 
-import numpy as np
 import pytest
 
 import jaxdrag

@@ -18,7 +18,6 @@ Shapes: ĉ, c (T, D) = (77, 768) for SD-1.5; token_mask (T,) float.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from .losses import text_regularizer
