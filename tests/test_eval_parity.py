@@ -150,3 +150,51 @@ def test_clip_b32_image_embeddings_equal_transformers(tmp_path):
         want = (out.pooler_output if hasattr(out, "pooler_output") else out).numpy()
     got = np.asarray(ours.module().image_embeds(jnp.asarray(px)))
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
+def test_runner_mean_distance_equals_the_script_with_the_same_noise(sd21, tmp_path):
+    """The whole MD path of the runner (reading, the dragged image resized to the source size
+    with PIL, prompt, batching of two sizes, per-sample noise keys, matching) against the torch
+    script fed the same noise draws: equal distances."""
+    import pickle
+
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from jaxdrag.data import find_samples
+    from jaxdrag.eval import EvalSettings, Networks
+    from jaxdrag.eval.image import to_signed_dift
+    from jaxdrag.eval.runner import _compute, load_item, sample_key
+
+    rng = np.random.default_rng(5)
+    data, res = tmp_path / "data", tmp_path / "res"
+    for name, (h, w), pts in [("c/s1", (64, 96), [[10, 12], [30, 40], [50, 50], [60, 20]]),
+                              ("c/s2", (72, 64), [[20, 30], [40, 30]]),
+                              ("d/s3", (64, 96), [[90, 60], [70, 10]])]:
+        img = rng.integers(0, 256, (h, w, 3), np.uint8)
+        (data / name).mkdir(parents=True)
+        Image.fromarray(img).save(data / name / "original_image.png")
+        with open(data / name / "meta_data.pkl", "wb") as f:
+            pickle.dump({"prompt": f"a picture {name}", "points": pts, "mask": np.ones((h, w), np.uint8)}, f)
+        (res / name).mkdir(parents=True)
+        # results at another size of the same aspect: the script resizes them to the source size
+        Image.fromarray(np.roll(img, 5, axis=1)).resize((w * 2, h * 2)).save(res / name / "dragged_image.png")
+    nets, ref = Networks(dift=load_dift(sd21)), TorchDift(sd21)
+    items = [load_item(s, res) for s in find_samples(data)]
+    for it in items:
+        it.todo = ["md"]
+    e = 2
+    _compute(items, nets, EvalSettings(metrics=("md",), ensemble=e, batch_size=3))
+    for it in items:
+        w, h = it.source.size
+        lat = nets.dift.vae.module().encode(jnp.asarray(to_signed_dift(it.source))[None])[0].shape[1:]
+        feats = []
+        for which, img in ((0, it.source), (1, it.result.resize((w, h), Image.BILINEAR))):
+            k = sample_key(42, it.name, which)
+            eps = [torch.from_numpy(np.asarray(jax.random.normal(jax.random.fold_in(k, i), (e,) + lat))
+                                    .transpose(0, 3, 1, 2).copy()) for i in (0, 1)]
+            x = torch.from_numpy(to_signed_dift(img)).permute(2, 0, 1)[None]
+            f = ref.features(x, it.prompt, ensemble=e, eps_p=eps[0], eps_n=eps[1])
+            feats.append(F.interpolate(f, (h, w), mode="bilinear"))
+        want, _ = torch_match(feats[0], feats[1], it.handles, it.targets)
+        np.testing.assert_allclose(it.out["md"], want, atol=1e-4)

@@ -94,3 +94,40 @@ def test_every_stage_exports_for_tpu(bf16_pipe):
     assert STAGES <= set(exported) and len(exported["drag"]) == len(methods)
     assert all(e.platforms == ("tpu",) for es in exported.values() for e in es)
     assert not any("cudnn" in e.mlir_module() for e in exported["drag"])
+
+
+def test_eval_programs_export_for_cuda_and_tpu(cudnn_stub, tmp_path):
+    """`jaxdrag eval`'s programs (DIFT features of a batch with its ensemble, the prompt encoder,
+    LPIPS, CLIP similarity, the mean-distance matching) lower for accelerators, in bfloat16."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdrag import tiny
+    from jaxdrag.eval import EvalSettings, Networks, load_clip_image, load_dift, load_lpips
+    from jaxdrag.eval.metrics import match_distances
+
+    bf = jnp.bfloat16
+    nets = Networks(lpips=load_lpips(tiny.write_random_lpips(tmp_path / "lp.safetensors"), dtype=bf),
+                    dift=load_dift(tiny.write_tiny_sd21(tmp_path), dtype=bf),
+                    clip=load_clip_image(tiny.write_tiny_clip_b32(tmp_path), dtype=bf))
+    sds = jax.ShapeDtypeStruct
+    s = EvalSettings(ensemble=8)
+    d = nets.dift
+    programs = {
+        "dift": (nets.dift_fn(s), (d.unet.params, d.vae.params, sds((4, 96, 128, 3), jnp.float32),
+                                   sds((4, 77, 48), jnp.float32), jax.random.split(jax.random.PRNGKey(0), 4))),
+        "text": (nets.text_fn(), (d.text_encoder.params, sds((4, 77), jnp.int32))),
+        "lpips": (nets.lpips_fn(), (nets.lpips.params, sds((4, 224, 224, 3), jnp.float32),
+                                    sds((4, 224, 224, 3), jnp.float32))),
+        "clip": (nets.clip_fn(), (nets.clip.params, sds((4, 224, 224, 3), jnp.float32),
+                                  sds((4, 224, 224, 3), jnp.float32))),
+        "match": (jax.jit(lambda a, b, h, t: match_distances(a, b, h, t, hw=(96, 128))),
+                  (sds((6, 8, 1280), jnp.float32), sds((6, 8, 1280), jnp.float32),
+                   sds((3, 2), jnp.int32), sds((3, 2), jnp.int32))),
+    }
+    for platform in ("cuda", "tpu"):
+        for name, (fn, args) in programs.items():
+            exp = jax.export.export(fn, platforms=(platform,))(*args)
+            assert exp.platforms == (platform,), name
+            if name != "match":  # the networks compute in bfloat16 (the matching in float32)
+                assert "bf16" in exp.mlir_module(), name

@@ -47,32 +47,43 @@ def to_signed_dift(img: Image.Image | np.ndarray) -> np.ndarray:
     return (np.asarray(img, np.float32) / np.float32(255.0) - np.float32(0.5)) * np.float32(2.0)
 
 
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float32 matrix A with A @ x = torch's 1-D bilinear resize of x
-    (align_corners=False, no antialias): source coordinate s = (i + ½)·n_in/n_out − ½ clamped below
-    at 0, neighbours ⌊s⌋ and min(⌊s⌋+1, n_in−1), weights 1 − (s − ⌊s⌋) and s − ⌊s⌋ — in float32
-    with s rounded once (a fused multiply-add, as torch's CPU kernel is compiled), so the weights
-    agree with torch's bit for bit (checked against torch for up- and downsampling)."""
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torch's 1-D bilinear resize (align_corners=False, no antialias) as two taps per output:
+    (i0, i1, w1) with out[i] = (1 − w1[i])·x[i0[i]] + w1[i]·x[i1[i]]. Source coordinate
+    s = (i + ½)·n_in/n_out − ½ clamped below at 0, i0 = ⌊s⌋, i1 = min(i0+1, n_in−1), w1 = s − i0 —
+    in float32 with s rounded once (a fused multiply-add, as torch's CPU kernel is compiled), so
+    the weights agree with torch's bit for bit (checked against torch for up- and downsampling)."""
     f32 = np.float32
     scale = f32(n_in) / f32(n_out)
     s = (np.float64(scale) * (np.arange(n_out) + 0.5) - 0.5).astype(f32)
     s = np.maximum(s, f32(0.0))
     i0 = np.minimum(s.astype(np.int64), n_in - 1)
     i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
-    w1 = (s - i0.astype(f32)).astype(f32)
-    a = np.zeros((n_out, n_in), f32)
-    np.add.at(a, (np.arange(n_out), i0), f32(1.0) - w1)
+    return i0, i1, (s - i0.astype(f32)).astype(f32)
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 matrix A with A @ x = ``bilinear_taps``' resize of x (for maps that
+    are read at a few points or in row chunks, as the mean-distance matching does)."""
+    i0, i1, w1 = bilinear_taps(n_in, n_out)
+    a = np.zeros((n_out, n_in), np.float32)
+    np.add.at(a, (np.arange(n_out), i0), np.float32(1.0) - w1)
     np.add.at(a, (np.arange(n_out), i1), w1)
     return a
 
 
+def _resize_axis(x: Array, n_out: int, axis: int) -> Array:
+    i0, i1, w1 = bilinear_taps(x.shape[axis], n_out)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    w1 = jnp.asarray(w1).reshape(shape)
+    return (1.0 - w1) * jnp.take(x, jnp.asarray(i0), axis=axis) + w1 * jnp.take(x, jnp.asarray(i1), axis=axis)
+
+
 def resize_bilinear(x: Array, hw: tuple[int, int]) -> Array:
-    """(B, H, W, C) → (B, h, w, C), torch ``F.interpolate`` bilinear, align_corners=False."""
-    ah = jnp.asarray(bilinear_matrix(x.shape[1], hw[0]))
-    aw = jnp.asarray(bilinear_matrix(x.shape[2], hw[1]))
-    hp = jax.lax.Precision.HIGHEST
-    y = jnp.einsum("hH,bHWc->bhWc", ah, x, precision=hp)
-    return jnp.einsum("wW,bhWc->bhwc", aw, y, precision=hp)
+    """(B, H, W, C) → (B, h, w, C), torch ``F.interpolate`` bilinear, align_corners=False (two taps
+    per axis: as cheap as torch's kernel, no dense matrices)."""
+    return _resize_axis(_resize_axis(x, hw[0], 1), hw[1], 2)
 
 
 def pil_resize_to(img: Image.Image, size_wh: tuple[int, int]) -> Image.Image:

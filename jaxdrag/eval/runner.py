@@ -150,34 +150,29 @@ class Networks:
             self._jit[name] = jax.jit(fn, **kw)
         return self._jit[name]
 
-    def lpips_batch(self, x0: list[np.ndarray], x1: list[np.ndarray]) -> np.ndarray:
-        """Lists of (H_i, W_i, 3) [-1, 1] images → (B,) LPIPS (each pair resized to 224 first)."""
+    # the jitted programs (also exported for accelerators by the tests)
+    def lpips_fn(self):
+        """(params, (B, 224, 224, 3), (B, 224, 224, 3)) → (B,) LPIPS."""
         c = self.lpips
+        return self._j("lpips", lambda p, u, v: nnx.merge(c.graphdef, p)(u, v))
 
-        def one_size(a):  # resize per shape (jit caches by shape), then one LPIPS batch
-            return self._j("r224", lambda y: resize_bilinear(y[None], (224, 224))[0])(jnp.asarray(a))
-
-        a = jnp.stack([one_size(v) for v in x0])
-        b = jnp.stack([one_size(v) for v in x1])
-        fn = self._j("lpips", lambda p, u, v: nnx.merge(c.graphdef, p)(u, v))
-        return np.asarray(fn(c.params, a, b))
-
-    def clip_batch(self, x0: list[np.ndarray], x1: list[np.ndarray]) -> np.ndarray:
-        """CLIP-preprocessed (224, 224, 3) lists → (B,) cosine of the image embeddings."""
+    def clip_fn(self):
+        """(params, (B, S, S, 3), (B, S, S, 3)) CLIP-preprocessed → (B,) cosine of the embeddings."""
         c = self.clip
-        fn = self._j("clip", lambda p, u, v: clip_cosine(nnx.merge(c.graphdef, p).image_embeds(u),
-                                                         nnx.merge(c.graphdef, p).image_embeds(v)))
-        return np.asarray(fn(c.params, jnp.asarray(np.stack(x0)), jnp.asarray(np.stack(x1))))
 
-    def prompt_embeddings(self, prompts: list[str]) -> jax.Array:
+        def run(p, u, v):
+            m = nnx.merge(c.graphdef, p)
+            return clip_cosine(m.image_embeds(u), m.image_embeds(v))
+        return self._j("clip", run)
+
+    def text_fn(self):
+        """(params, (B, 77) ids) → (B, 77, D) prompt embeddings (last hidden state)."""
         d = self.dift
-        fn = self._j("text", lambda p, ids: nnx.merge(d.text_encoder.graphdef, p)(ids)[0])
-        return fn(d.text_encoder.params, jnp.asarray(d.tokenizer.ids(prompts)))
+        return self._j("text", lambda p, ids: nnx.merge(d.text_encoder.graphdef, p)(ids)[0])
 
-    def dift_batch(self, images: np.ndarray, context: jax.Array, keys: jax.Array,
-                   s: EvalSettings) -> jax.Array:
-        """(B, H, W, 3) [-1, 1] images of one size, (B, S, D) prompt embeddings, (B,) keys →
-        (B, h', w', C) DIFT features."""
+    def dift_fn(self, s: EvalSettings):
+        """(unet params, vae params, (B, H, W, 3) [-1, 1] images of one size, (B, S, D) prompt
+        embeddings, (B,) keys) → (B, h', w', C) DIFT features."""
         d = self.dift
         alpha = jnp.asarray(d.schedule.alphas_cumprod[s.t], jnp.float32)
         scaling = float(d.vae.cfg.scaling_factor)
@@ -193,8 +188,32 @@ class Networks:
                                  lambda _: moments, x, ctx, eps_p, eps_n, alpha_t=alpha, t=s.t,
                                  scaling=scaling, up_index=s.up_index)
 
-        fn = self._j(f"dift{s.t}_{s.up_index}_{s.ensemble}", run)
-        return fn(d.unet.params, d.vae.params, jnp.asarray(images), context, keys)
+        return self._j(f"dift{s.t}_{s.up_index}_{s.ensemble}", run)
+
+    # batches
+    def lpips_batch(self, x0: list[np.ndarray], x1: list[np.ndarray]) -> np.ndarray:
+        """Lists of (H_i, W_i, 3) [-1, 1] images → (B,) LPIPS (each image resized to 224 first)."""
+        def r224(a):  # per shape (jit caches by shape), then one LPIPS batch
+            return self._j("r224", lambda y: resize_bilinear(y[None], (224, 224))[0])(jnp.asarray(a))
+
+        a = jnp.stack([r224(v) for v in x0])
+        b = jnp.stack([r224(v) for v in x1])
+        return np.asarray(self.lpips_fn()(self.lpips.params, a, b))
+
+    def clip_batch(self, x0: list[np.ndarray], x1: list[np.ndarray]) -> np.ndarray:
+        """CLIP-preprocessed (224, 224, 3) lists → (B,) cosine of the image embeddings."""
+        return np.asarray(self.clip_fn()(self.clip.params, jnp.asarray(np.stack(x0)),
+                                         jnp.asarray(np.stack(x1))))
+
+    def prompt_embeddings(self, prompts: list[str]) -> jax.Array:
+        return self.text_fn()(self.dift.text_encoder.params, jnp.asarray(self.dift.tokenizer.ids(prompts)))
+
+    def dift_batch(self, images: np.ndarray, context: jax.Array, keys: jax.Array,
+                   s: EvalSettings) -> jax.Array:
+        """(B, H, W, 3) [-1, 1] images of one size, (B, S, D) prompt embeddings, (B,) keys →
+        (B, h', w', C) DIFT features."""
+        d = self.dift
+        return self.dift_fn(s)(d.unet.params, d.vae.params, jnp.asarray(images), context, keys)
 
 
 def sample_key(seed: int, name: str, which: int) -> jax.Array:
