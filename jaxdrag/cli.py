@@ -413,11 +413,18 @@ def cmd_toybench(args) -> int:
     return 0
 
 
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(g) for g in text.split(","))
+    except ValueError:
+        raise SettingsError(f"{flag} {text!r}: expected comma-separated whole numbers, e.g. 1,5,10,20") from None
+
+
 def cmd_eval(args) -> int:
     import jax.numpy as jnp
 
     from .eval import EvalSettings, Networks, evaluate, load_clip_image, load_dift, load_lpips
-    from .eval.runner import METRICS
+    from .eval import METRICS
 
     given = {"lpips": args.lpips, "clip": args.clip, "md": args.dift}
     if args.metrics:
@@ -431,7 +438,7 @@ def cmd_eval(args) -> int:
                             f"{', '.join(flags[m] + ' PATH' for m in missing)}")
     settings = EvalSettings(metrics=metrics, t=args.t, ensemble=args.ensemble, seed=args.seed,
                             dai_double_n=args.dai_double_n, batch_size=args.batch_size,
-                            gammas=tuple(int(g) for g in args.gammas.split(",")))
+                            gammas=_int_list("--gammas", args.gammas))
     dtype = {"auto": jnp.float32, "float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
     if dtype is None:
         raise SettingsError(f"--dtype {args.dtype!r}: choose auto, float32 or bfloat16")

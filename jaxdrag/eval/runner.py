@@ -5,69 +5,27 @@ run``'s ``<name>/edited.png``, the DragBench scripts' ``<name>/dragged_image.png
 ``<name>/output_image.png`` or ``<name>.png``) → read and check them (a sample that cannot be
 evaluated is reported with the reason and skipped) → compute the metrics in batches → write
 ``samples/<name>.json`` atomically per sample (a rerun skips samples whose JSON holds the same
-metrics and settings) → ``summary.json`` and ``summary.md`` from all sample files.
-
-Aggregates as the papers: LPIPS and CLIP similarity are means over images, MD the mean over all
-handle–target pairs (not per image), LPIPS × MD (DragText) the product of the two aggregates, DAI
-the mean over images.
+metrics and settings) → ``summary.json`` and ``summary.md`` from all sample files (``tables``).
 """
 
 from __future__ import annotations
 
 import json
-import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from ..data import RequestError, find_samples, write_json
+from ..data import RequestError, _atomic_write, find_samples, write_json
 from ..errors import SettingsError
-from .image import (EvalInputError, clip_preprocess, pil_resize_to, read_rgb, resize_bilinear,
-                    to_signed, to_signed_dift)
-from .metrics import clip_cosine, dai, dift_features, match_distances
+from .image import EvalInputError, clip_preprocess, pil_resize_to, read_rgb, to_signed, to_signed_dift
+from .metrics import dai, match_distances
+from .programs import Networks, sample_key
+from .settings import EvalSettings
+from .tables import markdown, summarize
 
-METRICS = ("lpips", "clip", "md", "dai")
 RESULT_NAMES = ("edited.png", "dragged_image.png", "output_image.png")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What is computed and how (defaults: the DragBench scripts and GoodDrag's DAI)."""
-
-    metrics: tuple[str, ...] = METRICS
-    t: int = 261                     # DIFT timestep
-    up_index: int = 1                # DIFT: output of up_blocks[1]
-    ensemble: int = 8                # DIFT ensemble size
-    seed: int = 42                   # noise: fold_in(seed, crc32(sample name)), stable under resume
-    gammas: tuple[int, ...] = (1, 5, 10, 20)  # DAI patch radii
-    dai_double_n: bool = False       # GoodDrag code's quirk (divide by N twice)
-    batch_size: int = 4              # samples per network batch (DIFT: × ensemble × 2 images)
-    rows: int = 64                   # full-resolution rows per chunk of the MD cosine map
-
-    def __post_init__(self):
-        bad = [m for m in self.metrics if m not in METRICS]
-        if bad:
-            raise SettingsError(f"unknown metric(s) {bad}; choose from {', '.join(METRICS)}")
-        for name in ("ensemble", "batch_size", "rows"):
-            if int(getattr(self, name)) < 1:
-                raise SettingsError(f"setting {name} = {getattr(self, name)}: must be ≥ 1")
-        if not 0 <= self.t < 1000:
-            raise SettingsError(f"setting t = {self.t}: must be in [0, 999]")
-        if any(int(g) < 0 for g in self.gammas):
-            raise SettingsError(f"setting gammas = {list(self.gammas)}: DAI radii must be ≥ 0")
-
-    def key(self, metric: str) -> dict:
-        """The settings a metric's value depends on (a stored value is reused only if equal)."""
-        if metric == "md":
-            return {"t": self.t, "up_index": self.up_index, "ensemble": self.ensemble, "seed": self.seed}
-        if metric == "dai":
-            return {"gammas": list(self.gammas), "double_n": self.dai_double_n}
-        return {}
 
 
 @dataclass
@@ -132,94 +90,6 @@ def load_item(sample, results: Path) -> Item:
 
 def _source_path(sample) -> Path:
     return sample.folder / ("original_image.png" if sample.kind == "dragbench" else "original.jpg")
-
-
-# ----------------------------------------------------------------------------------------------
-# networks as jitted functions
-
-
-class Networks:
-    """The loaded evaluation networks (any of them None) as jitted batch functions."""
-
-    def __init__(self, lpips=None, dift=None, clip=None):
-        self.lpips, self.dift, self.clip = lpips, dift, clip
-        self._jit: dict[str, Callable] = {}
-
-    def _j(self, name, fn, **kw):
-        if name not in self._jit:
-            self._jit[name] = jax.jit(fn, **kw)
-        return self._jit[name]
-
-    # the jitted programs (also exported for accelerators by the tests)
-    def lpips_fn(self):
-        """(params, (B, 224, 224, 3), (B, 224, 224, 3)) → (B,) LPIPS."""
-        c = self.lpips
-        return self._j("lpips", lambda p, u, v: nnx.merge(c.graphdef, p)(u, v))
-
-    def clip_fn(self):
-        """(params, (B, S, S, 3), (B, S, S, 3)) CLIP-preprocessed → (B,) cosine of the embeddings."""
-        c = self.clip
-
-        def run(p, u, v):
-            m = nnx.merge(c.graphdef, p)
-            return clip_cosine(m.image_embeds(u), m.image_embeds(v))
-        return self._j("clip", run)
-
-    def text_fn(self):
-        """(params, (B, 77) ids) → (B, 77, D) prompt embeddings (last hidden state)."""
-        d = self.dift
-        return self._j("text", lambda p, ids: nnx.merge(d.text_encoder.graphdef, p)(ids)[0])
-
-    def dift_fn(self, s: EvalSettings):
-        """(unet params, vae params, (B, H, W, 3) [-1, 1] images of one size, (B, S, D) prompt
-        embeddings, (B,) keys) → (B, h', w', C) DIFT features."""
-        d = self.dift
-        alpha = jnp.asarray(d.schedule.alphas_cumprod[s.t], jnp.float32)
-        scaling = float(d.vae.cfg.scaling_factor)
-
-        def run(up, vp, x, ctx, ks):
-            unet = nnx.merge(d.unet.graphdef, up)
-            vae = nnx.merge(d.vae.graphdef, vp)
-            moments = vae.encode(x)  # once per image (see dift_features)
-            shape = (s.ensemble,) + moments[0].shape[1:]
-            eps_p = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(ks)
-            eps_n = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(ks)
-            return dift_features(lambda z, t, c: unet(z, t, c, up_until=s.up_index)[1]["up"][s.up_index],
-                                 lambda _: moments, x, ctx, eps_p, eps_n, alpha_t=alpha, t=s.t,
-                                 scaling=scaling, up_index=s.up_index)
-
-        return self._j(f"dift{s.t}_{s.up_index}_{s.ensemble}", run)
-
-    # batches
-    def lpips_batch(self, x0: list[np.ndarray], x1: list[np.ndarray]) -> np.ndarray:
-        """Lists of (H_i, W_i, 3) [-1, 1] images → (B,) LPIPS (each image resized to 224 first)."""
-        def r224(a):  # per shape (jit caches by shape), then one LPIPS batch
-            return self._j("r224", lambda y: resize_bilinear(y[None], (224, 224))[0])(jnp.asarray(a))
-
-        a = jnp.stack([r224(v) for v in x0])
-        b = jnp.stack([r224(v) for v in x1])
-        return np.asarray(self.lpips_fn()(self.lpips.params, a, b))
-
-    def clip_batch(self, x0: list[np.ndarray], x1: list[np.ndarray]) -> np.ndarray:
-        """CLIP-preprocessed (224, 224, 3) lists → (B,) cosine of the image embeddings."""
-        return np.asarray(self.clip_fn()(self.clip.params, jnp.asarray(np.stack(x0)),
-                                         jnp.asarray(np.stack(x1))))
-
-    def prompt_embeddings(self, prompts: list[str]) -> jax.Array:
-        return self.text_fn()(self.dift.text_encoder.params, jnp.asarray(self.dift.tokenizer.ids(prompts)))
-
-    def dift_batch(self, images: np.ndarray, context: jax.Array, keys: jax.Array,
-                   s: EvalSettings) -> jax.Array:
-        """(B, H, W, 3) [-1, 1] images of one size, (B, S, D) prompt embeddings, (B,) keys →
-        (B, h', w', C) DIFT features."""
-        d = self.dift
-        return self.dift_fn(s)(d.unet.params, d.vae.params, jnp.asarray(images), context, keys)
-
-
-def sample_key(seed: int, name: str, which: int) -> jax.Array:
-    """The noise key of one image of a sample (which: 0 source, 1 result)."""
-    k = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
-    return jax.random.fold_in(k, which)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,75 +215,5 @@ def evaluate(results: str | Path, data: str | Path, out: str | Path, nets: Netwo
     bar.close()
     summary = summarize(out, [x.name for x in samples], s, skipped)
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(markdown(summary))
+    _atomic_write(out / "summary.md", markdown(summary).encode())
     return summary
-
-
-def _aggregate(recs: list[dict], s: EvalSettings) -> dict:
-    agg: dict = {"samples": len(recs)}
-    vals = lambda m: [r["metrics"][m] for r in recs if m in r["metrics"]]  # noqa: E731
-    if "lpips" in s.metrics and vals("lpips"):
-        agg["lpips"] = float(np.mean(vals("lpips")))
-        agg["image_fidelity"] = 1.0 - agg["lpips"]
-    if "clip" in s.metrics and vals("clip"):
-        agg["clip"] = float(np.mean(vals("clip")))
-    if "md" in s.metrics and vals("md"):
-        dists = [d for v in vals("md") for d in v]
-        agg["md"] = float(np.mean(dists))
-        agg["pairs"] = len(dists)
-        if "lpips" in agg:
-            agg["lpips_x_md"] = agg["lpips"] * agg["md"]
-    if "dai" in s.metrics and vals("dai"):
-        agg["dai"] = {str(g): float(np.mean([v[str(g)] for v in vals("dai")])) for g in s.gammas}
-    return agg
-
-
-def summarize(out: Path, names: list[str], s: EvalSettings, skipped: dict[str, str]) -> dict:
-    recs = []
-    for n in names:
-        p = out / "samples" / f"{n}.json"
-        if n not in skipped and p.exists():
-            recs.append(json.loads(p.read_text()))
-    cats = sorted({r["category"] for r in recs if r["category"]})
-    return {"settings": asdict(s), "overall": _aggregate(recs, s),
-            "categories": {c: _aggregate([r for r in recs if r["category"] == c], s) for c in cats},
-            "skipped": skipped}
-
-
-def markdown(summary: dict) -> str:
-    """The summary as Markdown tables (overall first, then per category)."""
-    s = summary["settings"]
-    cols = [("samples", "samples", "{:d}")]
-    if "lpips" in s["metrics"]:
-        cols += [("lpips", "LPIPS ↓", "{:.4f}"), ("image_fidelity", "1−LPIPS ↑", "{:.4f}")]
-    if "md" in s["metrics"]:
-        cols += [("md", "MD ↓", "{:.2f}"), ("pairs", "pairs", "{:d}")]
-        if "lpips" in s["metrics"]:
-            cols += [("lpips_x_md", "LPIPS×MD ↓", "{:.3f}")]
-    if "clip" in s["metrics"]:
-        cols += [("clip", "CLIP sim ↑", "{:.4f}")]
-    dai_cols = [str(g) for g in s["gammas"]] if "dai" in s["metrics"] else []
-    head = ["", *[c[1] for c in cols], *[f"DAI γ={g} ↓" for g in dai_cols]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def row(name, agg):
-        cells = [name]
-        for key, _, fmt in cols:
-            cells.append(fmt.format(agg[key]) if key in agg else "–")
-        for g in dai_cols:
-            cells.append(f"{agg['dai'][g]:.4f}" if "dai" in agg else "–")
-        return "| " + " | ".join(cells) + " |"
-
-    lines.append(row("**all**", summary["overall"]))
-    for c, agg in summary["categories"].items():
-        lines.append(row(c, agg))
-    text = "\n".join(lines) + "\n"
-    if summary["skipped"]:
-        text += f"\nSkipped {len(summary['skipped'])} sample(s):\n\n"
-        text += "\n".join(f"- {n}: {why}" for n, why in sorted(summary["skipped"].items())) + "\n"
-    if "md" in s["metrics"]:
-        text += (f"\nMD: DIFT at t = {s['t']}, up_blocks[{s['up_index']}], ensemble {s['ensemble']}, "
-                 f"seed {s['seed']}; mean over pairs.")
-    if "dai" in s["metrics"]:
-        text += f" DAI: {'÷N² (reference code)' if s['dai_double_n'] else '÷N (paper)'}."
-    return text + "\n"
