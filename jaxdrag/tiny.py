@@ -118,19 +118,24 @@ def write_tiny_clip(root: Path, seed: int = 10) -> Path:
     out = Path(root) / CLIP_NAME
     tmp = Path(root) / f".{CLIP_NAME}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    proj = TINY_CLIP_VISION.projection_dim
-    state = random_state(lambda: CLIPModel(TINY_CLIP_TEXT, TINY_CLIP_VISION, proj), seed)
-    state["logit_scale"] = np.asarray(2.6592, np.float32)
-    weights.save_safetensors(state, tmp / "model.safetensors")
-    _write_json(tmp / "config.json", {
-        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": proj,
-        "logit_scale_init_value": 2.6592, "jaxdrag_tiny_version": _VERSION,
-        "text_config": TINY_CLIP_TEXT.to_hf(), "vision_config": TINY_CLIP_VISION.to_hf()})
+    _write_clip(tmp, TINY_CLIP_VISION, seed, {"jaxdrag_tiny_version": _VERSION})
     for f in BUNDLED.iterdir():
         shutil.copy(f, tmp / f.name)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def _write_clip(folder: Path, vision: CLIPVisionConfig, seed: int, extra: dict) -> None:
+    """A random ``CLIPModel`` (tiny text tower, ``vision`` image tower) as an HF folder."""
+    proj = vision.projection_dim
+    state = random_state(lambda: CLIPModel(TINY_CLIP_TEXT, vision, proj), seed)
+    state["logit_scale"] = np.asarray(2.6592, np.float32)
+    weights.save_safetensors(state, folder / "model.safetensors")
+    _write_json(folder / "config.json", {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": proj,
+        "logit_scale_init_value": 2.6592, **extra, "text_config": TINY_CLIP_TEXT.to_hf(),
+        "vision_config": vision.to_hf()})
 
 
 def _current(folder: Path, index: str) -> bool:
@@ -200,21 +205,14 @@ def write_tiny_sd21(root: Path, seed: int = 20) -> Path:
 def write_tiny_clip_b32(root: Path, seed: int = 30) -> Path:
     """A tiny CLIP of the ViT-B/32 architecture (patch 32) as an HF ``CLIPModel`` folder."""
     out = Path(root) / "tiny-clip-vit-b32"
-    proj = TINY_CLIP_B32_VISION.projection_dim
-    state = random_state(lambda: CLIPModel(TINY_CLIP_TEXT, TINY_CLIP_B32_VISION, proj), seed)
-    state["logit_scale"] = np.asarray(2.6592, np.float32)
-    weights.save_safetensors(state, out / "model.safetensors")
-    _write_json(out / "config.json", {
-        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": proj,
-        "logit_scale_init_value": 2.6592, "text_config": TINY_CLIP_TEXT.to_hf(),
-        "vision_config": TINY_CLIP_B32_VISION.to_hf()})
+    _write_clip(out, TINY_CLIP_B32_VISION, seed, {})
     return out
 
 
 def write_random_lpips(path: Path, seed: int = 40) -> Path:
     """LPIPS-AlexNet (full size: AlexNet is small) with random trunk and heads, in lpips' names,
     as one .safetensors file."""
-    from .eval.networks import lpips_name
+    from .eval.networks import LPIPS_SLICE, lpips_name
     from .models.alexnet import LPIPS
 
     ours = random_state(lambda: LPIPS(), seed)
@@ -222,9 +220,7 @@ def write_random_lpips(path: Path, seed: int = 40) -> Path:
     for k, v in ours.items():  # jaxdrag names → lpips' module names
         if k.startswith("features.conv"):
             idx, leaf = k[len("features.conv"):].split(".")
-            from .models.alexnet import CONVS
-            slice_no = [c[0] for c in CONVS].index(int(idx)) + 1
-            inv[f"net.slice{slice_no}.{idx}.{leaf}"] = v
+            inv[f"net.slice{LPIPS_SLICE[int(idx)]}.{idx}.{leaf}"] = v
         else:
             inv[k.replace(".weight", ".model.1.weight")] = np.abs(v)  # lpips heads are ≥ 0
     assert all(lpips_name(k) in ours for k in inv)

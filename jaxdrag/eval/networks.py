@@ -27,7 +27,7 @@ from ..models.alexnet import CONVS, LPIPS
 from ..schedule import DDIM
 from ..tokenizer import BUNDLED, Tokenizer
 
-_LPIPS_SLICE = {idx: k + 1 for k, (idx, *_) in enumerate(CONVS)}  # features index → lpips slice
+LPIPS_SLICE = {idx: k + 1 for k, (idx, *_) in enumerate(CONVS)}  # features index → lpips slice
 
 
 def lpips_name(key: str) -> str | None:
