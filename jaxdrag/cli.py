@@ -425,6 +425,7 @@ def cmd_eval(args) -> int:
 
     from .eval import EvalSettings, Networks, evaluate, load_clip_image, load_dift, load_lpips
     from .eval import METRICS
+    from .eval.settings import WEIGHT_FLAGS
 
     given = {"lpips": args.lpips, "clip": args.clip, "md": args.dift}
     if args.metrics:
@@ -433,9 +434,8 @@ def cmd_eval(args) -> int:
         metrics = tuple(m for m in METRICS if m == "dai" or given.get(m) is not None)
     missing = [m for m in metrics if m in given and given[m] is None]
     if missing:
-        flags = {"lpips": "--lpips", "clip": "--clip", "md": "--dift"}
         raise SettingsError(f"--metrics {','.join(missing)} need(s) weights: "
-                            f"{', '.join(flags[m] + ' PATH' for m in missing)}")
+                            f"{', '.join(WEIGHT_FLAGS[m] + ' PATH' for m in missing)}")
     settings = EvalSettings(metrics=metrics, t=args.t, ensemble=args.ensemble, seed=args.seed,
                             dai_double_n=args.dai_double_n, batch_size=args.batch_size,
                             gammas=_int_list("--gammas", args.gammas))

@@ -309,3 +309,15 @@ def test_sd21_single_file_with_openclip_text_tower_equals_the_folder(tmp_path):
                                  tmp_path / "no_text.safetensors")
         load_sd2_single_file(tmp_path / "no_text.safetensors", dtype=jnp.float32,
                              configs=(tiny.TINY_SD21_UNET, tiny.TINY_VAE, tiny.TINY_SD21_TEXT))
+
+
+def test_a_rerun_with_other_metrics_keeps_the_earlier_ones(nets, bench, tmp_path):
+    networks, _ = nets
+    data, res, _ = bench
+    out = tmp_path / "eval"
+    evaluate(res, data, out, networks, EvalSettings(metrics=("lpips",)), progress=False)
+    before = json.loads((out / "samples" / "animals" / "a2.json").read_text())
+    evaluate(res, data, out, networks, EvalSettings(metrics=("dai",)), progress=False)
+    after = json.loads((out / "samples" / "animals" / "a2.json").read_text())
+    assert after["metrics"]["lpips"] == before["metrics"]["lpips"] and "dai" in after["metrics"]
+    assert after["settings"] == {"lpips": {}, "dai": {"gammas": [1, 5, 10, 20], "double_n": False}}

@@ -94,12 +94,12 @@ def load_dift(path: str | Path, *, dtype=jnp.float32, attn_impl: str = "auto") -
             raise W.WeightsError(f"{path}: not a diffusers model folder (missing "
                                  f"{', '.join(m + '/' for m in missing)})")
         tok = path / "tokenizer"
+        has_tok = (tok / "vocab.json").exists()  # else the bundled vocabulary, padded with "!"
         return DiftModel(
             unet=W.load_diffusers_unet(path / "unet", dtype=dtype, attn_impl=attn_impl, lora_rank=0),
             vae=W.load_diffusers_vae(path / "vae", dtype=dtype, attn_impl=attn_impl),
             text_encoder=W.load_hf_text_encoder(path / "text_encoder", dtype=dtype, attn_impl=attn_impl),
-            tokenizer=Tokenizer(tok if (tok / "vocab.json").exists() else None,
-                                pad_token=None if (tok / "vocab.json").exists() else "!"),
+            tokenizer=Tokenizer(tok if has_tok else BUNDLED, pad_token=None if has_tok else "!"),
             schedule=_schedule(path), source=path)
     if path.is_file():
         unet, vae, text = load_sd2_single_file(path, dtype=dtype, attn_impl=attn_impl)

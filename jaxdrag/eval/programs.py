@@ -16,8 +16,6 @@ from .metrics import clip_cosine, dift_features
 from .settings import EvalSettings
 
 
-
-
 class Networks:
     """The loaded evaluation networks (any of them None) as jitted batch functions."""
 

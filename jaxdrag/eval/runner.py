@@ -22,7 +22,7 @@ from ..errors import SettingsError
 from .image import EvalInputError, clip_preprocess, pil_resize_to, read_rgb, to_signed, to_signed_dift
 from .metrics import dai, match_distances
 from .programs import Networks, sample_key
-from .settings import EvalSettings
+from .settings import WEIGHT_FLAGS, EvalSettings
 from .tables import markdown, summarize
 
 RESULT_NAMES = ("edited.png", "dragged_image.png", "output_image.png")
@@ -144,19 +144,21 @@ def _compute(items: list[Item], nets: Networks, s: EvalSettings) -> None:
 # the run
 
 
-def _stored(path: Path, s: EvalSettings) -> dict:
-    """The metrics of an existing sample file still valid for ``s`` ({} if none)."""
+def _stored(path: Path, s: EvalSettings) -> tuple[dict, dict]:
+    """(the metrics of an existing sample file still valid for ``s``, the whole record) — ({}, {})
+    if there is none. Metrics of the record that ``s`` does not ask for are kept when the file is
+    rewritten."""
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        return {}, {}
     keep = {}
     for m in s.metrics:
         if m in rec.get("metrics", {}) and rec.get("settings", {}).get(m) == s.key(m):
             keep[m] = rec["metrics"][m]
             if m == "md" and "md_matched" in rec.get("metrics", {}):
                 keep["md_matched"] = rec["metrics"]["md_matched"]
-    return keep
+    return keep, rec
 
 
 def evaluate(results: str | Path, data: str | Path, out: str | Path, nets: Networks,
@@ -170,8 +172,7 @@ def evaluate(results: str | Path, data: str | Path, out: str | Path, nets: Netwo
     needs = {"lpips": nets.lpips, "clip": nets.clip, "md": nets.dift}
     for m in s.metrics:
         if m in needs and needs[m] is None:
-            flag = {"lpips": "--lpips", "clip": "--clip", "md": "--dift"}[m]
-            raise SettingsError(f"metric {m!r} needs its network's weights ({flag} PATH)")
+            raise SettingsError(f"metric {m!r} needs its network's weights ({WEIGHT_FLAGS[m]} PATH)")
     results, out = Path(results), Path(out)
     if not results.is_dir():
         raise RequestError(f"{results}: results folder not found")
@@ -184,14 +185,15 @@ def evaluate(results: str | Path, data: str | Path, out: str | Path, nets: Netwo
     skipped: dict[str, str] = {}
     todo: list[tuple] = []
     for smp in samples:
-        have = _stored(out / "samples" / f"{smp.name}.json", s)
+        have, prev = _stored(out / "samples" / f"{smp.name}.json", s)
         missing = [m for m in s.metrics if m not in have]
         if missing:
-            todo.append((smp, have, missing))
+            todo.append((smp, have, missing, prev))
     bar = tqdm(total=len(todo), desc="eval", unit="sample", disable=not progress)
     for start in range(0, len(todo), s.batch_size):
         batch = []
-        for smp, have, missing in todo[start:start + s.batch_size]:
+        prevs = {}
+        for smp, have, missing, prev in todo[start:start + s.batch_size]:
             try:
                 it = load_item(smp, results)
             except (EvalInputError, RequestError) as e:
@@ -199,15 +201,18 @@ def evaluate(results: str | Path, data: str | Path, out: str | Path, nets: Netwo
                 bar.update(1)
                 continue
             it.todo, it.out = missing, dict(have)
+            prevs[smp.name] = prev
             batch.append(it)
         if not batch:
             continue
         _compute(batch, nets, s)
         for it in batch:
+            prev = prevs[it.name]  # metrics of earlier runs with other --metrics are kept
             rec = {"name": it.name, "category": it.category, "result": str(it.result_path),
                    "pairs": len(it.handles), "prompt": it.prompt,
-                   "metrics": {k: v for k, v in it.out.items() if k != "dai_error"},
-                   "settings": {m: s.key(m) for m in s.metrics}}
+                   "metrics": {**prev.get("metrics", {}),
+                               **{k: v for k, v in it.out.items() if k != "dai_error"}},
+                   "settings": {**prev.get("settings", {}), **{m: s.key(m) for m in s.metrics}}}
             if "dai_error" in it.out:
                 rec["errors"] = {"dai": it.out["dai_error"]}
             write_json(out / "samples" / f"{it.name}.json", rec)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from ..errors import SettingsError
 
 METRICS = ("lpips", "clip", "md", "dai")
+# the command-line option giving each metric's network (DAI needs none)
+WEIGHT_FLAGS = {"lpips": "--lpips", "clip": "--clip", "md": "--dift"}
 
 
 @dataclass(frozen=True)
