@@ -1,4 +1,4 @@
-"""``jaxdrag`` command line: ``edit`` (one image), ``run`` (a DragBench / Drag100 folder), ``demo``,
+"""``jaxdrag`` command line: ``edit`` (one image, or a generated one), ``generate``, ``run`` (a DragBench / Drag100 folder), ``demo``,
 ``toybench`` (drags with exact ground truth on the toy world), ``eval`` (DragBench metrics of a
 results folder).
 
@@ -40,6 +40,13 @@ def _batch_size(v: str):
         raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {v!r}") from None
 
 
+def _alphas(v: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(a) for a in v.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected α values like 0,0.5,1, got {v!r}") from None
+
+
 def _parse_bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
         return True
@@ -57,7 +64,7 @@ def _add_drag_options(p: argparse.ArgumentParser, method: bool = True) -> None:
         typ = {"r_m": int, "r_p": int, "max_iters": int, "max_step": float, "ms_weight": float,
                "drag_end_step": int, "track_per_step": int, "max_drag_per_track": int,
                "max_track_no_change": int, "block_steps": int, "end_step": int,
-               "stale_latent_grad": _parse_bool}.get(key, str)
+               "stale_latent_grad": _parse_bool, "text_feature_block": int}.get(key, str)
         flags = [f"--{key.replace('_', '-')}"] + (["--steps"] if key == "max_iters" else [])
         g.add_argument(*flags, dest=key, type=typ, default=None,
                        help=f"DragConfig.{key} (default {fields[key].default!r} unless the preset sets it)")
@@ -80,6 +87,9 @@ def _add_drag_options(p: argparse.ArgumentParser, method: bool = True) -> None:
                         "matmul/conv/attention outputs")
     p.add_argument("--clip-double-unit-map", action="store_true",
                    help="reproduce CLIPDrag's double [0,1] mapping of the CLIP input (reference quirk)")
+    p.add_argument("--interpolate", type=_alphas, default=(),
+                   help="DragText §6: also write interpolation.png, the images of (z*, c) → (ẑ, ĉ) "
+                        "interpolated at these α, e.g. 0,0.25,0.5,0.75,1,1.25,1.5 (0 = reconstruction, 1 = the edit)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -109,7 +119,7 @@ def _settings(args):
                         remat=args.remat,
                         reference_attention=not args.no_reference_attention,
                         clip_double_unit_map=args.clip_double_unit_map,
-                        batch_size=getattr(args, "batch_size", 8))
+                        batch_size=getattr(args, "batch_size", 8), interpolation=args.interpolate)
 
 
 def default_models() -> tuple[Path, Path, str]:
@@ -181,12 +191,21 @@ def cmd_edit(args) -> int:
     # everything the user gave is checked before the model is loaded or anything compiled
     cfg, _ = resolve(args.method, **_overrides(args))
     settings = _settings(args)
-    img = _read_image(args.image)
     mask = None
     if args.mask is not None:
         mask = _read_image(args.mask)[..., 0] > 0
-    req = validate(EditRequest(image=img, points=_parse_points(args.points), prompt=args.prompt, mask=mask,
-                               edit_prompt=args.edit_prompt, name=args.image.stem, seed=args.seed))
+    if args.image.suffix.lower() == ".json":  # a generation spec written by `jaxdrag generate`
+        gen, prompt = _read_generation(args.image)
+        if args.prompt and args.prompt != prompt:
+            raise SettingsError(f"--prompt: a generated image is dragged with its generation prompt {prompt!r} "
+                                f"({args.image}); leave --prompt out")
+        req = EditRequest(image=None, points=_parse_points(args.points), prompt=prompt, mask=mask,
+                          edit_prompt=args.edit_prompt, name=args.image.parent.name or "generated", seed=args.seed,
+                          generation=gen)
+    else:
+        req = validate(EditRequest(image=_read_image(args.image), points=_parse_points(args.points),
+                                   prompt=args.prompt, mask=mask, edit_prompt=args.edit_prompt,
+                                   name=args.image.stem, seed=args.seed))
     pipe = _load(args, cfg.use_clip)
     res = edit_batch(pipe, [req], args.method, settings=settings, progress=not args.quiet,
                      **_overrides(args))[0]
@@ -199,6 +218,42 @@ def cmd_edit(args) -> int:
     print(json.dumps({"out": str(args.out), "iterations": res.iterations, "reached": res.reached,
                       "final_handles": res.handles.round(1).tolist(),
                       "timings_s": {k: round(v, 2) for k, v in res.timings.items()}}, indent=1))
+    return 0
+
+
+GENERATION_FIELDS = ("seed", "guidance_scale", "negative_prompt", "height", "width")
+
+
+def _read_generation(path: Path):
+    """(Generation, prompt) from a ``generation.json`` of ``jaxdrag generate``."""
+    from .data import Generation, RequestError
+
+    try:
+        spec = json.loads(Path(path).read_text())
+        if not isinstance(spec, dict) or not isinstance(spec.get("prompt"), str):
+            raise ValueError("no prompt")
+        gen = Generation(**{k: spec[k] for k in GENERATION_FIELDS if k in spec})
+    except (OSError, ValueError, TypeError) as e:
+        raise RequestError(f"{path}: not a generation spec of `jaxdrag generate` ({e})") from None
+    return gen.check(str(path)), spec["prompt"]
+
+
+def cmd_generate(args) -> int:
+    """Sample an image to drag on: DIR/generated.png and DIR/generation.json (pass the JSON to
+    ``jaxdrag edit`` with points picked on the PNG)."""
+    from .data import Generation, _atomic_write, _png, write_json
+
+    if not args.prompt.strip():
+        raise SettingsError("--prompt: a generation needs a prompt")
+    gen = Generation(seed=args.seed, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                     height=args.height, width=args.width).check("generate")
+    args.method = "dragdiffusion"
+    pipe = _load(args, False)
+    images, _ = pipe.generate([args.prompt], seed=[gen.seed], guidance_scale=gen.guidance_scale,
+                              negative_prompt=gen.negative_prompt, hw=gen.size(pipe.native_width))
+    _atomic_write(args.out / "generated.png", _png(np.asarray(images[0])))
+    write_json(args.out / "generation.json", {"prompt": args.prompt, **dataclasses.asdict(gen)})
+    print(json.dumps({"image": str(args.out / "generated.png"), "spec": str(args.out / "generation.json")}))
     return 0
 
 
@@ -459,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     e = sub.add_parser("edit", help="edit one image")
-    e.add_argument("image", type=Path)
+    e.add_argument("image", type=Path, help="the image, or the generation.json of `jaxdrag generate` "
+                                            "(drag on the generated image's own latent, no inversion)")
     e.add_argument("--points", required=True, help='pixels "x,y x,y …" alternating handle, target')
     e.add_argument("--prompt", default="", help="description of the image")
     e.add_argument("--edit-prompt", default=None, help="CLIPDrag's edit text (default: --prompt)")
@@ -470,6 +526,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(e)
     _add_drag_options(e)
     e.set_defaults(fn=cmd_edit)
+
+    g = sub.add_parser("generate", help="generate an image to drag on (DDIM-50 with guidance): "
+                                        "DIR/generated.png + DIR/generation.json for `jaxdrag edit`")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    g.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    g.add_argument("--quiet", action="store_true")
+    _add_model_options(g)
+    g.set_defaults(fn=cmd_generate)
 
     r = sub.add_parser("run", help="edit every sample of a DragBench or Drag100 folder (resumable)")
     r.add_argument("dataset", type=Path)

@@ -30,15 +30,49 @@ class RequestError(ValueError):
 # requests and results
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A generated image to drag on (DragDiffusion's generated-image mode, ALGORITHMS.md §2.4):
+    the request's prompt sampled with DDIM-50 and classifier-free guidance from ``seed`` at
+    ``height`` × ``width`` (None: the model's native size; multiples of 8). The drag starts from
+    the generation's own latent at t* (no inversion, no LoRA) and the denoising keeps the
+    guidance, so an edit that moves nothing gives back the generated image."""
+
+    seed: int = 0
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+
+    def check(self, name: str) -> "Generation":
+        """This spec validated (RequestError naming the field)."""
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 32:
+            raise RequestError(f"{name}: generation seed must be an integer in [0, 2^32), got {self.seed!r}")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float, np.floating)) or not np.isfinite(g) or g < 1:
+            raise RequestError(f"{name}: generation guidance_scale must be a number ≥ 1, got {g!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise RequestError(f"{name}: generation negative_prompt must be text")
+        for k in ("height", "width"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, (int, np.integer)) or v < 64 or v % 8):
+                raise RequestError(f"{name}: generation {k} must be a multiple of 8, ≥ 64, got {v!r}")
+        return self
+
+    def size(self, native: int) -> tuple[int, int]:
+        return (self.height or native, self.width or native)
+
+
 @dataclass
 class EditRequest:
     """One edit. image: (H, W, 3) uint8; points: [(x, y), …] pixels alternating handle, target;
     mask: (H, W), nonzero = editable, or None; prompt: the image description (LoRA, inversion,
     drag, denoise); edit_prompt: CLIPDrag's text (defaults to ``prompt``, as the reference GUI);
     hypers: per-edit continuous settings (e.g. ``latent_lr``), so a sweep is a batch; seed: LoRA
-    randomness."""
+    randomness. generation: drag on a generated image instead (``image`` is then None or the
+    image that generation gives, which is made again from the spec)."""
 
-    image: np.ndarray
+    image: np.ndarray | None
     points: Sequence[Sequence[float]]
     prompt: str = ""
     mask: np.ndarray | None = None
@@ -46,6 +80,7 @@ class EditRequest:
     name: str = "edit"
     hypers: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    generation: Generation | None = None
 
 
 @dataclass
@@ -69,6 +104,11 @@ class EditResult:
     timings: dict[str, float]
     config: dict[str, Any]
     failure: dict | None = None  # e.g. {"diverged": {"iteration": 3, "what": "latent"}}; image None then
+    # DragText §6: [(α, image)], (ẑ, ĉ) and (z*, c) interpolated linearly (α 0 = reconstruction, 1 = the edit)
+    interpolation: list = field(default_factory=list)
+    # iteration caps: [{"max_iters", "iterations", "reached", "handles", "image"}], each the result of
+    # the same edit with max_iters = that cap
+    snapshots: list = field(default_factory=list)
 
 
 MAX_PAIRS = 64
@@ -140,7 +180,7 @@ def validate(req: EditRequest) -> EditRequest:
         raise RequestError(f"{name}: seed must be an integer in [0, 2^32), got {req.seed!r}")
     return EditRequest(image=img, points=[(float(p[0]), float(p[1])) for p in pts], prompt=req.prompt,
                        mask=mask, edit_prompt=req.edit_prompt, name=name, hypers=dict(req.hypers),
-                       seed=int(req.seed))
+                       seed=int(req.seed), generation=req.generation)
 
 
 def working_size(h: int, w: int, width: int | None) -> tuple[int, int]:
@@ -174,6 +214,7 @@ class Prepared:
     sup_hw: tuple[int, int]
     latent_hw: tuple[int, int]
     in_hw: tuple[int, int]
+    z_start: np.ndarray | None = None  # generated images: the generation's latent at t* (no inversion)
 
     @property
     def masked(self) -> bool:
@@ -406,7 +447,27 @@ def report(result: EditResult) -> dict:
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "config": result.config,
         "failure": result.failure,
+        **({"interpolation": {"alphas": [a for a, _ in result.interpolation], "strip": "interpolation.png"}}
+           if result.interpolation else {}),
+        **({"snapshots": [{"max_iters": sn["max_iters"], "iterations": sn["iterations"], "reached": sn["reached"],
+                           "final_handles": np.asarray(sn["handles"]).round(3).tolist(),
+                           "image": f"snapshots/iters_{sn['max_iters']:04d}.png"} for sn in result.snapshots]}
+           if result.snapshots else {}),
     }
+
+
+def strip(images: Sequence[np.ndarray], labels: Sequence[str], gap: int = 4) -> np.ndarray:
+    """Images side by side (same height) on white with a caption band under each: (H + 16, ΣW + gaps, 3)."""
+    h = max(im.shape[0] for im in images)
+    w = sum(im.shape[1] for im in images) + gap * (len(images) - 1)
+    canvas = Image.new("RGB", (w, h + 16), "white")
+    d = ImageDraw.Draw(canvas)
+    x = 0
+    for im, label in zip(images, labels):
+        canvas.paste(Image.fromarray(im), (x, 0))
+        d.text((x + 2, h + 2), label, fill=(0, 0, 0))
+        x += im.shape[1] + gap
+    return np.asarray(canvas)
 
 
 def write_result(result: EditResult, folder: Path) -> None:
@@ -420,6 +481,12 @@ def write_result(result: EditResult, folder: Path) -> None:
     _atomic_write(folder / "edited.png", _png(result.image))
     ov = overlay(result.image, result.initial_handles, result.handles, result.targets, result.trajectory)
     _atomic_write(folder / "overlay.png", _png(ov))
+    if result.interpolation:
+        _atomic_write(folder / "interpolation.png",
+                      _png(strip([im for _, im in result.interpolation], [f"alpha {a:g}" for a, _ in result.interpolation])))
+    for sn in result.snapshots:
+        if sn["image"] is not None:
+            _atomic_write(folder / "snapshots" / f"iters_{sn['max_iters']:04d}.png", _png(sn["image"]))
     _atomic_write(folder / "report.json", json.dumps(report(result), indent=1).encode())
 
 

@@ -11,6 +11,7 @@ hyperparameters on a leading axis (``jax.vmap``). Stages are compiled ahead of t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from . import weights
 from .drag import DragConfig, DragHypers, DragNetworks, make_runner
 from .drag.loop import reached as drag_reached
 from .drag.loop import update_budget
+from .drag.losses import STOP_DISTANCE
 from .models.lora import init_lora, zeros_lora
 from .precision import Policy, policy_for
 from .schedule import DDIM, add_noise, ddim_step, inversion_step
@@ -529,7 +531,8 @@ class Pipeline:
 
     def denoise(self, loras, z_src: Array, z_edit: Array, c_src: Array, c_edit: Array,
                 strength: float, reference: bool = True, *, start: Array | None = None,
-                mid: Array | None = None, mid_steps: int = 0) -> Array:
+                mid: Array | None = None, mid_steps: int = 0, uncond: Array | None = None,
+                scale: Array | None = None) -> Array:
         """Denoise the pair [z*, ẑ] from t* to 0 (§1.5): the source branch on the original text
         embedding, the edited branch on the optimised one, both with the edit's LoRA; with
         ``reference`` the last six decoder self-attentions of both rows attend to the source
@@ -538,58 +541,82 @@ class Pipeline:
         start (B,) int: per edit, the number of the K = round(50·strength) steps already taken
         (GoodDrag's drag phase denoises its first steps itself; the pair is then at t_start).
         mid (B, h', w', C): DragNoise's optimised bottleneck, replacing the mid-block output of
-        both rows during the first ``mid_steps`` of the K steps."""
+        both rows during the first ``mid_steps`` of the K steps.
+        uncond (B, T, D), scale (B,): classifier-free guidance (drags on generated images): the
+        pair runs once on [c_u, c_u] and once on [c, ĉ], each with its own mutual self-attention
+        (MasaCtrl per half), ε = ε_u + s·(ε_c − ε_u)."""
         ts = jnp.asarray(self.schedule.denoise_timesteps(strength), jnp.int32)
         n_steps = len(ts)
         b = z_src.shape[0]
         start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
         with_mid = mid is not None
         mid = jnp.zeros((b, 1), jnp.float32) if mid is None else mid
+        guided = uncond is not None
+        if not guided:
+            uncond, scale = jnp.zeros((b, 1), jnp.float32), jnp.ones((b,), jnp.float32)
 
-        def one(params, lora, zs, ze, cs, ce, s0, h):
+        def one(params, lora, zs, ze, cs, ce, s0, h, cu, g):
             ctx = jnp.stack([cs, ce])
 
             def body(z, k):
                 t = ts[k]
                 inject = dict(mid_override=jnp.stack([h, h]), mid_use=k < mid_steps) if with_mid else {}
                 eps = self.unet_apply(params, lora, z, t, ctx, reference=reference, **inject)[0]
+                if guided:
+                    e_u = self.unet_apply(params, lora, z, t, jnp.stack([cu, cu]).astype(ctx.dtype),
+                                          reference=reference)[0]
+                    eps = e_u.astype(jnp.float32) + g * (eps.astype(jnp.float32) - e_u.astype(jnp.float32))
                 return jnp.where(k >= s0, ddim_step(self.schedule, z, eps, t), z), None
             return jax.lax.scan(body, jnp.stack([zs, ze]), jnp.arange(n_steps))[0][1]
 
-        fn = self._j(("denoise", strength, reference, with_mid, mid_steps),
-                     jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0)))
+        fn = self._j(("denoise", strength, reference, with_mid, mid_steps, guided),
+                     jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
         return self.stages("denoise", fn, self.sd.unet.params, loras, z_src, z_edit, c_src, c_edit,
-                           start, mid)
+                           start, mid, uncond, jnp.asarray(scale, jnp.float32))
 
-    def generate(self, prompts: Sequence[str], *, seed: int = 0, guidance_scale: float = 7.5,
+    def generate(self, prompts: Sequence[str], *, seed: int | Sequence[int] = 0, guidance_scale: float = 7.5,
                  steps: int | None = None, negative_prompt: str = "",
-                 hw: tuple[int, int] | None = None) -> tuple[Array, Array]:
+                 hw: tuple[int, int] | None = None, stop_at: int | None = None) -> tuple[Array, Array]:
         """Text-to-image sampling with DDIM (η = 0) and classifier-free guidance:
         ε = ε_u + s·(ε_c − ε_u), the unconditional branch on ``negative_prompt``.
         Returns (uint8 images (B, H, W, 3), final latents (B, h, w, 4)). ``hw`` defaults to the
-        model's native size; the initial noise is drawn from ``seed`` (one key per prompt)."""
+        model's native size. The initial noise: with one ``seed``, prompt i draws from
+        fold_in(seed, i); with a list, prompt i draws from fold_in(seed_i, 0) (so one prompt and
+        seed draw the same noise in any batch). ``stop_at = k`` also returns the latents after the
+        first k steps (the generation's latent at timestep ``timesteps[k]``, what a drag on the
+        generated image starts from): then (images, final latents, latents at k)."""
         sched = self.schedule if steps is None else replace(self.schedule, num_inference_steps=steps)
         h, w = hw or (self.native_width, self.native_width)
         b = len(prompts)
         ids = self.tokenizer.ids(list(prompts) + [negative_prompt])
         ctx = self.encode_text_ids(ids)
         cond, uncond = ctx[:b], jnp.broadcast_to(ctx[b:], ctx[:b].shape)
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(b))
+        if isinstance(seed, (int, np.integer)):
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(b))
+        else:
+            if len(seed) != b:
+                raise ValueError(f"{len(seed)} seeds for {b} prompts")
+            keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s_)), 0) for s_ in seed])
         z = jax.vmap(lambda k: jax.random.normal(k, (h // 8, w // 8, self.sd.unet.cfg.in_channels)))(keys)
         ts = jnp.asarray(sched.timesteps, jnp.int32)
         zero = zeros_lora(self.sd.unet.lora)
+        k_stop = -1 if stop_at is None else int(stop_at)
 
         def run(params, z, cond, uncond, g):
-            def body(z, t):
+            def body(carry, i):
+                z, z_k = carry
+                z_k = jnp.where(i == k_stop, z, z_k)
                 zz = jnp.concatenate([z, z])
-                eps = self.unet_apply(params, zero, zz, t, jnp.concatenate([uncond, cond]))[0]
+                eps = self.unet_apply(params, zero, zz, ts[i], jnp.concatenate([uncond, cond]))[0]
                 e_u, e_c = jnp.split(eps.astype(jnp.float32), 2)
-                return ddim_step(sched, z, e_u + g * (e_c - e_u), t), None
-            return jax.lax.scan(body, z, ts)[0]
+                return (ddim_step(sched, z, e_u + g * (e_c - e_u), ts[i]), z_k), None
+            z_end, z_k = jax.lax.scan(body, (z, z), jnp.arange(len(ts)))[0]
+            return z_end, z_k
 
-        fn = self._j(("generate", sched), run)
-        z = self.stages("generate", fn, self.sd.unet.params, z, cond, uncond, jnp.float32(guidance_scale))
-        return self.decode_to_uint8(z, (h, w)), z
+        fn = self._j(("generate", sched, k_stop), run)
+        z, z_k = self.stages("generate", fn, self.sd.unet.params, z, cond, uncond, jnp.float32(guidance_scale))
+        images = self.decode_to_uint8(z, (h, w))
+        return (images, z) if stop_at is None else (images, z, z_k)
 
     def decode_to_uint8(self, latents: Array, out_hw: tuple[int, int]) -> Array:
         """VAE decode → clamp to [0, 1] → bilinear resize to ``out_hw`` → uint8 (truncated)."""
@@ -606,16 +633,44 @@ class Pipeline:
         return self.stages("text", self._j("text", self.text_apply), self.sd.text_encoder.params,
                            jnp.asarray(ids))
 
-    def drag_networks(self, clip_double_unit_map: bool = False, remat: str = "off") -> DragNetworks:
+    def drag_networks(self, clip_double_unit_map: bool = False, remat: str = "off", text_block: int | None = None,
+                      guided: bool = False) -> DragNetworks:
         """The engine's network functions over this pipeline (cached: one object per setting).
-        ``remat``: the UNet's rematerialisation policy in the drag step's backward."""
-        key = ("nets", clip_double_unit_map, remat)
+        ``remat``: the UNet's rematerialisation policy in the drag step's backward.
+        ``text_block`` (an up_blocks index): ``features`` also returns that block's map, the
+        text embedding's motion features (DragText App. H). ``guided`` (drags on generated
+        images, ALGORITHMS.md §2.4): every forward runs the UNet on [z, z] with [c_u, ĉ]
+        (``shared["guide"]`` = {"uncond": (T, D), "scale": ()}); ε = ε_u + s·(ε_c − ε_u) and
+        the features are [(1 − κ)·F_u, κ·F_c] along channels, κ = s/(2s − 1)."""
+        key = ("nets", clip_double_unit_map, remat, text_block, guided)
         if key not in self._jit:
             fb = self.feature_block
+            n_up = len(self.sd.unet.cfg.block_out_channels)
+            if text_block is not None and not 0 <= text_block < n_up:
+                from .errors import SettingsError
+                raise SettingsError(f"setting text_feature_block = {text_block}: this UNet has up blocks "
+                                    f"0..{n_up - 1}")
+            blocks = (fb,) if text_block is None else (fb, text_block)
+
+            def outputs(shared, eps, taps):
+                eps = eps.astype(jnp.float32)
+                feats = [taps["up"][b].astype(jnp.float32) for b in blocks]
+                if not guided:
+                    return (eps[0], *(f[0] for f in feats))
+                g = shared["guide"]["scale"]
+                k = g / (2.0 * g - 1.0)
+                return (eps[0] + g * (eps[1] - eps[0]),
+                        *(jnp.concatenate([(1.0 - k) * f[0], k * f[1]], axis=-1) for f in feats))
+
+            def rows(shared, z, c):
+                if not guided:
+                    return z[None], c[None]
+                return jnp.stack([z, z]), jnp.stack([shared["guide"]["uncond"].astype(c.dtype), c])
 
             def features(shared, edit, z, c, t):
-                eps, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None], remat=remat)
-                return eps[0].astype(jnp.float32), taps["up"][fb][0].astype(jnp.float32)
+                x, ctx = rows(shared, z, c)
+                eps, taps = self.unet_apply(shared["unet"], edit, x, t, ctx, remat=remat)
+                return outputs(shared, eps, taps)
 
             def clip_image(shared, x0):
                 img = self.vae_decode_apply(shared["vae"], x0[None])
@@ -624,28 +679,33 @@ class Pipeline:
             def features_mid(shared, edit, z, c, t, h):
                 eps, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None], mid_override=h[None],
                                             remat=remat)
-                return eps[0].astype(jnp.float32), taps["up"][fb][0].astype(jnp.float32)
+                return outputs(shared, eps, taps)
 
             def bottleneck(shared, edit, z, c, t):
                 _, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None])
                 return taps["mid"][0].astype(jnp.float32)
 
-            self._jit[key] = DragNetworks(features, clip_image if self.clip is not None else None,
-                                          features_mid, bottleneck)
+            mid = (features_mid, bottleneck) if not guided else (None, None)
+            self._jit[key] = DragNetworks(features, clip_image if self.clip is not None else None, *mid)
         return self._jit[key]
 
     def drag_runner(self, cfg: DragConfig, clip_double_unit_map: bool = False, progress: bool = False,
-                    remat: str = "off"):
+                    remat: str = "off", guided: bool = False):
         """(prep, loop) for ``cfg``, cached. With ``progress`` the loop reports every iteration
-        to ``self.progress_relay.target`` (set it before the call)."""
-        key = ("runner", cfg, clip_double_unit_map, bool(progress), remat)
+        to ``self.progress_relay.target`` (set it before the call). ``guided``: see
+        ``drag_networks`` (then ``shared_params`` must be given the guidance)."""
+        key = ("runner", cfg, clip_double_unit_map, bool(progress), remat, guided)
         if key not in self._jit:
-            self._jit[key] = make_runner(self.drag_networks(clip_double_unit_map, remat), cfg,
-                                         self.progress_relay if progress else None)
+            nets = self.drag_networks(clip_double_unit_map, remat, cfg.text_feature_block, guided)
+            self._jit[key] = make_runner(nets, cfg, self.progress_relay if progress else None)
         return self._jit[key]
 
-    def shared_params(self, use_clip: bool):
+    def shared_params(self, use_clip: bool, guide: dict | None = None):
+        """The broadcast parameters of the drag step; ``guide`` = {"uncond": (T, D), "scale": ()}
+        for guided networks."""
         shared = {"unet": self.sd.unet.params}
+        if guide is not None:
+            shared["guide"] = guide
         if use_clip:
             self._need_clip()
             shared["vae"] = self.sd.vae.params
@@ -697,6 +757,9 @@ class EditSettings:
     remat: the drag step's rematerialisation policy ("off" | "blocks" | "dots"; LoRA training
     has its own, ``lora.remat``). batch_size: edits per vmapped batch, or "auto": the largest
     batch whose every stage fits ``memory_fraction`` of a device's memory (``plan_batch``).
+    interpolation: DragText §6's α values (e.g. (0, 0.25, 0.5, 0.75, 1, 1.25, 1.5)): each result
+    also holds the images of (z*, c) → (ẑ, ĉ) interpolated linearly (``EditResult.interpolation``),
+    denoised like the edit in batches of its size.
     """
 
     method: str = "dragtext"
@@ -708,9 +771,14 @@ class EditSettings:
     batch_size: int | str = 8
     remat: str = "off"
     memory_fraction: float = 0.85  # of each device's memory that ``batch_size="auto"`` plans to use
+    interpolation: tuple[float, ...] = ()
 
     def __post_init__(self):
         from .errors import SettingsError, check_number
+
+        if isinstance(self.interpolation, (str, bytes)) or not hasattr(self.interpolation, "__iter__"):
+            raise SettingsError(f"setting interpolation = {self.interpolation!r}: must be a list of α values")
+        object.__setattr__(self, "interpolation", tuple(check_number("interpolation", a) for a in self.interpolation))
 
         object.__setattr__(self, "remat", _check_remat("remat", self.remat))
 
@@ -770,6 +838,36 @@ def _dummy(p):
     return replace(p, handles=none, targets=none)
 
 
+def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list, c0, b: int, n_real: int,
+                progress: bool, timed, timings: dict):
+    """The batch's per-edit LoRAs (B, …) and training losses (steps, B): from the cache when
+    every edit's LoRA is there, else trained (and cached)."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=settings.lora.steps, desc=f"LoRA ×{b}", leave=False)
+    keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
+    lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
+    cache_keys = [_lora_key(p, settings.lora) for p in group[:n_real]]
+    cache_keys += cache_keys[:1] * (b - n_real)  # a dummy is a copy of the first edit
+    cache = pipe.lora_cache if pipe.stages.measured is None else None  # plan_batch measures LoRA too
+    if cache is not None and all(k in cache for k in cache_keys):
+        loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])
+        lora_losses = jnp.stack([cache[k][1] for k in cache_keys], axis=1)
+        timings["lora"] = 0.0
+        if bar:
+            bar.update(settings.lora.steps)
+    else:
+        loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora,
+                                   bar.update if bar else None)
+        if cache is not None:
+            for i, k in enumerate(cache_keys[:n_real]):
+                cache[k] = (jax.tree.map(lambda x: x[i], loras), lora_losses[:, i])
+    if bar:
+        bar.close()
+    return loras, lora_losses
+
+
 def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig,
                hypers: list[dict], progress: bool, batch: int | None = None,
                n_pairs: int | None = None) -> list:
@@ -805,33 +903,24 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         et = timed("clip_text", pipe.clip_text_embeds, [r.edit_prompt or r.prompt for r in reqs])
     else:
         et = jnp.zeros((b, 1), jnp.float32)
-    images = jnp.asarray(np.stack([p.image for p in group]))
-    z0 = timed("encode", pipe.encode_images, images)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=settings.lora.steps, desc=f"LoRA ×{b}", leave=False)
-    keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
-    lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
-    cache_keys = [_lora_key(p, settings.lora) for p in group[:n_real]]
-    cache_keys += cache_keys[:1] * (batch - n_real)  # a dummy is a copy of the first edit
-    cache = pipe.lora_cache if pipe.stages.measured is None else None  # plan_batch measures LoRA too
-    if cache is not None and all(k in cache for k in cache_keys):
-        loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])
-        lora_losses = jnp.stack([cache[k][1] for k in cache_keys], axis=1)
-        timings["lora"] = 0.0
-        if bar:
-            bar.update(settings.lora.steps)
+    generated = group[0].z_start is not None
+    guide = None
+    if generated:  # DragDiffusion's generated-image mode: no LoRA, no inversion (§2.4)
+        loras = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape), zeros_lora(pipe.sd.unet.lora))
+        lora_losses = np.zeros((0, b), np.float32)
+        zt = jnp.asarray(np.stack([p.z_start for p in group]))
+        gen = reqs[0].generation
+        if gen.guidance_scale != 1:
+            if cfg.host == "dragnoise":
+                from .errors import SettingsError
+                raise SettingsError("drags on generated images with guidance_scale ≠ 1 are not available for "
+                                    "DragNoise (its bottleneck is one UNet row); use guidance_scale 1")
+            uncond = timed("text", pipe.encode_text_ids, pipe.tokenizer.ids([gen.negative_prompt]))[0]
+            guide = {"uncond": uncond, "scale": jnp.float32(gen.guidance_scale)}
     else:
-        loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora,
-                                   bar.update if bar else None)
-        if cache is not None:
-            for i, k in enumerate(cache_keys[:n_real]):
-                cache[k] = (jax.tree.map(lambda x: x[i], loras), lora_losses[:, i])
-    if bar:
-        bar.close()
-    zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
+        z0 = timed("encode", pipe.encode_images, jnp.asarray(np.stack([p.image for p in group])))
+        loras, lora_losses = _edit_loras(pipe, group, settings, reqs, c0, b, n_real, progress, timed, timings)
+        zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
 
     n = max([len(p.handles) for p in group] + [n_pairs or 1])
     h0, mask = _pad_points([p.handles for p in group], n)
@@ -854,8 +943,8 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
             dbar.refresh()
 
     prep, loop = pipe.drag_runner(cfg, settings.clip_double_unit_map, progress=cb is not None,
-                                  remat=settings.remat)
-    shared = pipe.shared_params(cfg.use_clip)
+                                  remat=settings.remat, guided=guide is not None)
+    shared = pipe.shared_params(cfg.use_clip, guide)
     args = (shared, loras, zt, c0, jnp.asarray(h0), jnp.asarray(tg), jnp.asarray(mask),
             jnp.asarray(keep), jnp.asarray(token_mask, jnp.float32), et,
             jnp.full((b,), t_star, jnp.int32), hyp)
@@ -867,9 +956,18 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         pipe.progress_relay.target = None
     if dbar:
         dbar.close()
-    z_edit = timed("denoise", _final_denoise, pipe, cfg, settings, loras, zt, c0, inputs, state)
+    plan = _denoise_plan(pipe, cfg, settings, zt, c0, inputs, state)
+    if guide is not None:
+        plan.update(uncond=jnp.broadcast_to(guide["uncond"], c0.shape), scale=jnp.full((b,), guide["scale"]))
+    z_edit = timed("denoise", pipe.denoise, loras, **plan)
     work_hw = group[0].image.shape[:2]
     out = np.asarray(timed("decode", pipe.decode_to_uint8, z_edit, work_hw))
+    extras = {}
+    for kind, value, variant in _extra_denoise_plans(pipe, cfg, settings, plan, shared, loras, zt, c0, t_star,
+                                                     state):
+        z_x = timed("denoise_extra", pipe.denoise, loras, **variant)
+        extras[(kind, value)] = np.asarray(timed("decode_extra", pipe.decode_to_uint8, z_x, work_hw)), \
+            np.isfinite(np.asarray(z_x)).reshape(b, -1).all(axis=1)
     compile_s = dict(pipe.stages.last_compile_s)
 
     st = jax.tree.map(np.asarray, state)
@@ -895,6 +993,26 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
             "dtype": jnp.dtype(pipe.policy.compute).name, "batch_size": b, "batch_edits": n_real,
             "lora_final_loss": float(np.asarray(lora_losses)[-1, i]) if len(lora_losses) else None,
         }
+        if generated:
+            config["generation"] = dataclasses.asdict(p.request.generation)
+            config["lora"] = None  # no LoRA on a generated image (as the reference UI)
+        if settings.interpolation:
+            config["interpolation"] = list(settings.interpolation)
+
+        def final_image(kind, value):
+            im, ok = extras[(kind, value)]
+            im = im[i]
+            if not ok[i]:
+                return None
+            if im.shape[:2] != p.in_hw:
+                im = np.asarray(Image.fromarray(im).resize((p.in_hw[1], p.in_hw[0]), Image.BILINEAR))
+            return im
+        interp = [(float(a), final_image("alpha", a)) for a in settings.interpolation]
+        interp = [] if any(im is None for _, im in interp) else interp
+        snaps = [{"max_iters": cap, "iterations": int(st.snap_it[i, s]),
+                  "reached": bool(np.all(np.linalg.norm(p.targets - st.snap_handles[i, s, :k], axis=-1) < STOP_DISTANCE)),
+                  "handles": p.to_pixels(st.snap_handles[i, s, :k]), "image": final_image("iters", cap)}
+                 for s, cap in enumerate(cfg.snapshots)]
         failure = None
         if bool(st.failed[i]):
             from .drag import FAILURES
@@ -911,27 +1029,57 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
             iterations=int(st.it[i]), reached=bool(reached[i]),
             losses=[float(v) for v in st.losses[i, :int(st.it[i])]],
             timings={**timings, **{f"compile_{k_}": v for k_, v in compile_s.items()}},
-            config=config))
+            config=config, interpolation=interp if failure is None else [],
+            snapshots=snaps if failure is None else []))
     return results
 
 
-def _final_denoise(pipe: Pipeline, cfg: DragConfig, settings: EditSettings, loras, zt, c0, inputs, state):
-    """The denoising after the drag, per host: the pair [z*, ẑ] on [c, ĉ] with mutual
-    self-attention (DragDiffusion, CLIPDrag, FreeDrag); GoodDrag from where its drag phase
-    stopped, the source branch from the original trajectory there; DragNoise from [z*, z*] with
-    the optimised bottleneck in both rows for the first K − end_step steps, without mutual
-    self-attention (§7)."""
+def _denoise_plan(pipe: Pipeline, cfg: DragConfig, settings: EditSettings, zt, c0, inputs, state) -> dict:
+    """The keyword arguments of ``pipe.denoise`` (all but the LoRAs) for the denoising after the
+    drag, per host: the pair [z*, ẑ] on [c, ĉ] with mutual self-attention (DragDiffusion,
+    CLIPDrag, FreeDrag); GoodDrag from where its drag phase stopped, the source branch from the
+    original trajectory there; DragNoise from [z*, z*] with the optimised bottleneck in both rows
+    for the first K − end_step steps, without mutual self-attention (§7)."""
     strength = settings.inversion_strength
     if cfg.host == "gooddrag":
         _, pre = inputs
         z_src = jnp.take_along_axis(pre.zs, state.j[:, None, None, None, None], axis=1)[:, 0]
-        return pipe.denoise(loras, z_src, state.z, c0, state.c_out, strength, settings.reference_attention,
-                            start=state.j)
+        return dict(z_src=z_src, z_edit=state.z, c_src=c0, c_edit=state.c_out, strength=strength,
+                    reference=settings.reference_attention, start=state.j)
     if cfg.host == "dragnoise":
         k = round(strength * pipe.schedule.num_inference_steps)
-        return pipe.denoise(loras, zt, zt, c0, state.c, strength, False, mid=state.z,
-                            mid_steps=max(0, k - cfg.end_step))
-    return pipe.denoise(loras, zt, state.z, c0, state.c, strength, settings.reference_attention)
+        return dict(z_src=zt, z_edit=zt, c_src=c0, c_edit=state.c, strength=strength, reference=False,
+                    mid=state.z, mid_steps=max(0, k - cfg.end_step))
+    return dict(z_src=zt, z_edit=state.z, c_src=c0, c_edit=state.c, strength=strength,
+                reference=settings.reference_attention)
+
+
+def _lerp(a, b, alpha: float):
+    """(1 − α)·a + α·b: exactly a at α = 0 and b at α = 1."""
+    return (1.0 - alpha) * a + alpha * b
+
+
+def _extra_denoise_plans(pipe: Pipeline, cfg: DragConfig, settings: EditSettings, plan: dict, shared, loras, zt,
+                         c0, t_star: int, state):
+    """(kind, value, denoise kwargs) of the extra images of the batch, each denoised like the
+    edit (the same program: same batch, same static settings):
+
+    ("alpha", α) — DragText §6: the optimised variable and the text embedding both interpolated
+    linearly between their values before the drag (z* or GoodDrag's source latent at its stop
+    step, DragNoise's bottleneck at (z*, c); c) and after it (ẑ, ĉ); α = 0 is the reconstruction
+    (what a drag that moves nothing gives), α = 1 the edit, α > 1 extrapolates.
+    ("iters", cap) — the snapshot of (z, ĉ) at an iteration cap (``cfg.snapshots``)."""
+    if settings.interpolation:
+        var, start = ("mid", None) if cfg.host == "dragnoise" else ("z_edit", plan["z_src"])
+        if cfg.host == "dragnoise":  # the bottleneck before the drag: the mid-block output at (z*, c)
+            nets = pipe.drag_networks(settings.clip_double_unit_map, settings.remat)
+            fn = pipe._j("bottleneck", jax.vmap(nets.bottleneck, in_axes=(None, 0, 0, 0, None)))
+            start = fn(shared, loras, zt, c0, jnp.int32(t_star))
+        for a in settings.interpolation:
+            yield "alpha", a, {**plan, var: _lerp(start, plan[var], a), "c_edit": _lerp(plan["c_src"], plan["c_edit"], a)}
+    var = "mid" if cfg.host == "dragnoise" else "z_edit"
+    for s, cap in enumerate(cfg.snapshots):
+        yield "iters", cap, {**plan, var: state.snap_z[:, s], "c_edit": state.snap_c[:, s]}
 
 
 def _cfg_dict(cfg: DragConfig) -> dict:
@@ -991,10 +1139,9 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
         pipe._need_clip()
     native = pipe.native_width
     width = native if settings.width is None else (settings.width or None)
+    requests = _generate_images(pipe, requests, settings)
     prepared = []
     for r in requests:
-        if not isinstance(r, io.EditRequest):
-            raise io.RequestError(f"request {len(prepared)}: expected an EditRequest, got {type(r).__name__}")
         if not isinstance(r.hypers, dict):
             raise io.RequestError(f"{r.name}: hypers must be a dict of hyperparameters, got {type(r.hypers).__name__}")
         usable = [k for k in valid_settings(method) if k in HYPER_KEYS]
@@ -1006,12 +1153,17 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
             check_hypers(r.hypers)
         except SettingsError as e:
             raise io.RequestError(f"{r.name}: {e}") from None
-        prepared.append(io.prepare(r, width, native))
+        if r.generation is None:
+            prepared.append(io.prepare(r, width, native))
+        else:  # the generation's own size and latent at t*
+            prepared.append(replace(io.prepare(r, None, native), z_start=requests.latents[len(prepared)]))
     groups: dict = {}
     for i, p in enumerate(prepared):
-        groups.setdefault(io.bucket_key(p), []).append(i)
+        g = p.request.generation
+        gen_key = None if g is None else (g.guidance_scale, g.negative_prompt)
+        groups.setdefault((io.bucket_key(p), gen_key), []).append(i)
     results: list = [None] * len(prepared)
-    for key in sorted(groups):
+    for key in sorted(groups, key=lambda k: (k[0], repr(k[1]))):
         idx = groups[key]
         n_pairs = pow2_bucket(max(len(prepared[i].handles) for i in idx))
         limit = settings.batch_size
@@ -1040,14 +1192,51 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
     return results
 
 
+class _Requests(list):
+    """Requests with the latents at t* of the generated ones (``latents[i]``, None otherwise)."""
+
+    latents: list
+
+
+def _generate_images(pipe: Pipeline, requests: Sequence, settings: EditSettings) -> _Requests:
+    """Type-check the requests and fill in the image of every request with a ``generation``:
+    one batched DDIM sampling per (size, guidance, negative prompt), keeping each latent at t*."""
+    from . import data as io
+
+    out, todo = _Requests(), {}
+    out.latents = [None] * len(requests)
+    for i, r in enumerate(requests):
+        if not isinstance(r, io.EditRequest):
+            raise io.RequestError(f"request {i}: expected an EditRequest, got {type(r).__name__}")
+        out.append(r)
+        if r.generation is None:
+            continue
+        name = r.name if isinstance(r.name, str) else repr(r.name)
+        if not isinstance(r.generation, io.Generation):
+            raise io.RequestError(f"{name}: generation must be a jaxdrag.Generation, got {type(r.generation).__name__}")
+        g = r.generation.check(name)
+        if not isinstance(r.prompt, str) or not r.prompt.strip():
+            raise io.RequestError(f"{name}: a generated image needs its prompt")
+        todo.setdefault((g.size(pipe.native_width), g.guidance_scale, g.negative_prompt), []).append(i)
+    k = pipe.schedule.start_index(settings.inversion_strength)  # the steps taken before t*
+    for (hw, scale, negative), idx in todo.items():
+        images, _, z_k = pipe.generate([requests[i].prompt for i in idx], seed=[requests[i].generation.seed for i in idx],
+                                       guidance_scale=scale, negative_prompt=negative, hw=hw, stop_at=k)
+        for j, i in enumerate(idx):
+            out[i] = replace(requests[i], image=np.asarray(images[j]))
+            out.latents[i] = np.asarray(z_k[j])
+    return out
+
+
 def edit(pipe: Pipeline, image, points, prompt: str = "", mask=None, method: str = "dragtext", *,
          edit_prompt: str | None = None, seed: int = 0, settings: EditSettings | None = None,
-         progress: bool = False, **overrides):
+         progress: bool = False, generation=None, **overrides):
     """Edit one image: ``points`` = [(x, y), …] pixels alternating handle, target (DragBench's
     convention); ``mask`` (H, W) nonzero = editable. Returns an ``EditResult`` with the edited
-    image (H, W, 3) uint8, final handles, trajectory, iteration count and timings."""
+    image (H, W, 3) uint8, final handles, trajectory, iteration count and timings.
+    ``generation`` (a ``Generation``; ``image`` None): drag on the image generated from ``prompt``."""
     from .data import EditRequest
 
-    req = EditRequest(image=np.asarray(image), points=points, prompt=prompt, mask=mask,
-                      edit_prompt=edit_prompt, seed=seed)
+    req = EditRequest(image=None if image is None else np.asarray(image), points=points, prompt=prompt, mask=mask,
+                      edit_prompt=edit_prompt, seed=seed, generation=generation)
     return edit_batch(pipe, [req], method, settings=settings, progress=progress, **overrides)[0]

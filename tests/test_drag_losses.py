@@ -195,12 +195,34 @@ def test_fast_tracking_takes_best_closer_candidate():
 GL = jnp.array([[3.0, 4.0], [0.0, 0.0]])  # ‖G_l‖ = 5
 
 
-@pytest.mark.parametrize("rule", ["paper", "code", "project"])
+@pytest.mark.parametrize("rule", ["paper", "code", "project", "prograd"])
 def test_fusion_parallel(rule):
     np.testing.assert_allclose(fuse(GL, 2 * GL, 0.7, rule), GL, atol=1e-6)  # sin 0, no identity part
 
 
-@pytest.mark.parametrize("rule", ["paper", "code", "project"])
+def test_fusion_baselines_of_the_ablation():
+    """CLIPDrag Fig. 7a: ``add`` = G_l + λ·G_g at every angle; ``prograd`` keeps G_l when the two
+    agree and removes λ× its conflicting component otherwise (no identity component)."""
+    gl = np.asarray(GL).ravel()
+    for gg in (2 * GL, -2 * GL, jnp.array([[-4.0, 3.0], [0.0, 0.0]]), jnp.array([[-4.0, 1.0], [1.0, 0.0]])):
+        np.testing.assert_allclose(fuse(GL, gg, 0.7, "add"), GL + 0.7 * gg, atol=1e-6)
+    np.testing.assert_allclose(fuse(GL, -2 * GL, 0.7, "prograd"), 0.3 * GL, atol=1e-6)  # cos −1
+    ortho = jnp.array([[-4.0, 3.0], [0.0, 0.0]])  # cos 0: agreeing, G_l unchanged
+    np.testing.assert_allclose(fuse(GL, ortho, 0.7, "prograd"), GL, atol=1e-6)
+    agree = jnp.array([[1.0, 1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(fuse(GL, agree, 0.7, "prograd"), GL, atol=1e-6)
+    conflict = jnp.array([[-4.0, 1.0], [1.0, 0.0]])  # cos < 0: G_l − λ(G_l·ĝ_g)ĝ_g
+    g = np.asarray(conflict).ravel()
+    ug = g / np.linalg.norm(g)
+    expect = gl - 0.5 * (gl @ ug) * ug  # = [3, 4, 0, 0] − 0.5·(−8/√18)·[−4, 1, 1, 0]/√18
+    np.testing.assert_allclose(expect, [3 - 16 / 18, 4 + 4 / 18, 4 / 18, 0], rtol=1e-6)
+    np.testing.assert_allclose(fuse(GL, conflict, 0.5, "prograd").ravel(), expect, rtol=1e-5)
+    # θ undefined: prograd keeps G_l; add still adds the global gradient
+    np.testing.assert_array_equal(fuse(GL, jnp.zeros_like(GL), 0.7, "prograd"), GL)
+    np.testing.assert_allclose(fuse(jnp.zeros_like(GL), ortho, 0.7, "add"), 0.7 * ortho, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["paper", "code", "project", "add"])
 def test_fusion_orthogonal(rule):
     gg = jnp.array([[-4.0, 3.0], [0.0, 0.0]])  # cos 0 → agreeing branch, sin 1, all identity
     np.testing.assert_allclose(fuse(GL, gg, 0.7, rule), GL + 0.7 * gg, atol=1e-6)

@@ -14,7 +14,14 @@ released code does). Rules:
     agreeing:     G = G_l + λ·(G_g − (G_g·ĝ_l) ĝ_l)    (the identity component of G_g)
     conflicting:  G = G_l − λ·(G_l·ĝ_g) ĝ_g            (ProGrad: drop G_l's conflicting part)
 
-If either gradient is zero, θ is undefined and G = G_l.
+The two baselines of CLIPDrag's fusion ablation (Fig. 7a):
+``add`` — "gradient adding":  G = G_l + λ·G_g
+``prograd`` — ProGrad (Zhu et al., 2023) on the drag gradient: the conflict branch of ``project``
+    without the identity component,
+    agreeing:     G = G_l
+    conflicting:  G = G_l − λ·(G_l·ĝ_g) ĝ_g
+
+If either gradient is zero, θ is undefined and G = G_l (``add`` still adds: G_l + λ·G_g).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-RULES = ("paper", "code", "project")
+RULES = ("paper", "code", "project", "add", "prograd")
 
 
 def fuse(g_local: Array, g_global: Array, weight, rule: str = "paper") -> Array:
@@ -43,10 +50,17 @@ def fuse(g_local: Array, g_global: Array, weight, rule: str = "paper") -> Array:
         out = gl + weight * jnp.where(agree, sin, -cos) * gg
     elif rule == "code":
         out = gl + weight * jnp.where(agree, sin, cos) * gg
+    elif rule == "add":
+        out = gl + weight * gg
     else:
         ul = gl / jnp.where(defined, nl, 1.0)
         ug = gg / jnp.where(defined, ng, 1.0)
-        identity = gg - jnp.dot(gg, ul) * ul
         conflict = jnp.dot(gl, ug) * ug
-        out = jnp.where(agree, gl + weight * identity, gl - weight * conflict)
-    return jnp.where(defined, out, gl).reshape(g_local.shape).astype(g_local.dtype)
+        if rule == "project":
+            identity = gg - jnp.dot(gg, ul) * ul
+            out = jnp.where(agree, gl + weight * identity, gl - weight * conflict)
+        else:  # prograd
+            out = jnp.where(agree, gl, gl - weight * conflict)
+    if rule != "add":
+        out = jnp.where(defined, out, gl)
+    return out.reshape(g_local.shape).astype(g_local.dtype)

@@ -70,6 +70,8 @@ class DragNetworks:
 
 
 HOSTS = ("dragdiffusion", "dragnoise", "gooddrag", "freedrag")
+# the hosts of this module's loop: the ones with text_feature_block and snapshots
+SPLIT_HOSTS = ("dragdiffusion", "dragnoise")
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class DragConfig:
     max_iters: int = 80
     optimize_text: bool = False     # DragText
     use_clip: bool = False          # CLIPDrag's global gradient and fusion
-    fusion: str = "paper"           # "paper" | "code" | "project"
+    fusion: str = "paper"           # "paper" | "code" | "project" | "add" | "prograd" (fusion.RULES)
     stale_latent_grad: bool = False  # reproduce DragText's / FreeDrag's stale latent gradient (QUIRK)
     host: str = "dragdiffusion"     # the drag algorithm: see HOSTS (CLIPDrag runs on "dragdiffusion")
     background: str = "masked"      # "masked": no mask drawn → no background term; "always": whole image
@@ -99,6 +101,13 @@ class DragConfig:
     max_track_no_change: int = 5
     block_steps: int = 5            # FreeDrag (§6): Adam steps per line-search block
     end_step: int = 0               # DragNoise (§7): inject h while the step index < 50 − end_step
+    # DragText App. H: the decoder block (up_blocks index; the paper's "Block #k" is k − 1) whose
+    # features drive the text embedding's motion term; None = the latent's block (up_blocks[2]).
+    # The networks must then return that block's map as a third output (Pipeline.drag_networks)
+    text_feature_block: int | None = None
+    # CLIPDrag Tables 1–2 in one run: snapshots of (z, ĉ) at these iteration caps (each ≤ max_iters);
+    # a snapshot equals the final state of a run with max_iters = that cap
+    snapshots: tuple[int, ...] = ()
     sup_hw: tuple[int, int] = (256, 256)  # supervision resolution (h_s, w_s) = (H//2, W//2)
     schedule: DDIM = field(default_factory=DDIM)
 
@@ -120,6 +129,25 @@ class DragConfig:
                 raise ValueError(f"{name} must be ≥ {low}, got {getattr(self, name)}")
         if self.max_step <= 0:
             raise ValueError(f"max_step must be > 0, got {self.max_step}")
+        if self.text_feature_block is not None:
+            if not self.optimize_text:
+                raise ValueError("text_feature_block needs a DragText method (the text embedding is not optimised)")
+            if self.host not in SPLIT_HOSTS:
+                raise ValueError(f"text_feature_block is implemented on the hosts {SPLIT_HOSTS} (DragText's "
+                                 f"Appendix H runs on DragDiffusion), not {self.host!r}")
+            if int(self.text_feature_block) < 0:
+                raise ValueError(f"text_feature_block must be ≥ 0, got {self.text_feature_block}")
+        if self.snapshots:
+            caps = tuple(int(c) for c in self.snapshots)
+            if self.host not in SPLIT_HOSTS:
+                raise ValueError(f"snapshots are implemented on the hosts {SPLIT_HOSTS} (an iteration cap is "
+                                 f"max_iters; GoodDrag and FreeDrag count their budgets otherwise), "
+                                 f"not {self.host!r}")
+            if min(caps) < 1 or max(caps) > self.max_iters:
+                raise ValueError(f"snapshots must lie in 1..max_iters = {self.max_iters}, got {list(caps)}")
+            if list(caps) != sorted(set(caps)):
+                raise ValueError(f"snapshots must be increasing without repeats, got {list(caps)}")
+            object.__setattr__(self, "snapshots", caps)
 
 
 class DragHypers(NamedTuple):
@@ -175,6 +203,11 @@ class DragState(NamedTuple):
     failed: Array        # () bool the edit diverged (frozen, reported; the batch goes on)
     fail_it: Array       # () int32 the iteration at which it diverged
     fail_what: Array     # () int32 what became non-finite: index into FAILURES
+    ref_text: Array      # (N, 2r1+1, 2r1+1, C_t): F0 patches of the text block ("initial" + text block) or (N, 0)
+    snap_z: Array        # (S, *z.shape) the variable at each cap of cfg.snapshots (S = 0: none)
+    snap_c: Array        # (S, T, D) ĉ at each cap
+    snap_it: Array       # (S,) int32 updates made by each cap
+    snap_handles: Array  # (S, N, 2) the handles at each cap
 
 
 FAILURES = ("forward", "loss", "latent", "text")
@@ -194,12 +227,20 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Ar
             t_star: Array, hypers: DragHypers) -> tuple[DragInputs, DragState]:
     """The loop's constants and initial state for one edit (no network call: F0 and Φ(z*) are
     filled in by the first iteration's forward)."""
-    eps_s, f_s = jax.eval_shape(lambda: nets.features(shared, edit, z0, c0, t_star))
+    outs = jax.eval_shape(lambda: nets.features(shared, edit, z0, c0, t_star))
+    eps_s, f_s = outs[0], outs[1]
+    if cfg.text_feature_block is not None and len(outs) != 3:
+        raise ValueError("text_feature_block is set but the networks return no text-block feature map "
+                         "(build them with Pipeline.drag_networks(text_block=…))")
     # the optimised variable: z* itself, or DragNoise's bottleneck h = mid-block output at (z*, c)
     v0 = nets.bottleneck(shared, edit, z0, c0, t_star) if cfg.host == "dragnoise" else z0
     n = handles0.shape[0]
     ch = f_s.shape[-1]
     ref_shape = (n, 2 * cfg.r_m + 1, 2 * cfg.r_m + 1, ch) if cfg.ms_reference == "initial" else (n, 0)
+    ref_text_shape = (n, 0)
+    if cfg.text_feature_block is not None and cfg.ms_reference == "initial":
+        ref_text_shape = (n, 2 * cfg.r_m + 1, 2 * cfg.r_m + 1, outs[2].shape[-1])
+    s = len(cfg.snapshots)
     inputs = DragInputs(z0, c0, handles0, targets, mask, keep, token_mask, clip_text,
                         jnp.asarray(t_star, jnp.int32), hypers)
     state = DragState(
@@ -208,7 +249,10 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Ar
         handles=handles0, it=jnp.int32(0), done=jnp.bool_(False),
         traj=jnp.zeros((cfg.max_iters + 1, n, 2), jnp.float32).at[0].set(handles0),
         losses=jnp.full((cfg.max_iters,), jnp.nan, jnp.float32), stale=jnp.zeros_like(v0),
-        failed=jnp.bool_(False), fail_it=jnp.int32(0), fail_what=jnp.int32(0))
+        failed=jnp.bool_(False), fail_it=jnp.int32(0), fail_what=jnp.int32(0),
+        ref_text=jnp.zeros(ref_text_shape, jnp.float32),
+        snap_z=jnp.broadcast_to(v0, (s,) + v0.shape), snap_c=jnp.broadcast_to(c0, (s,) + c0.shape),
+        snap_it=jnp.zeros((s,), jnp.int32), snap_handles=jnp.broadcast_to(handles0, (s,) + handles0.shape))
     return inputs, state
 
 
@@ -224,16 +268,30 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     else:
         def forward(v, c):
             return nets.features(shared, edit, v, c, t)
-    (eps, f_lat), vjp = jax.vjp(forward, st.z, st.c)
+    outs, vjp = jax.vjp(forward, st.z, st.c)
+    eps, f_lat = outs[0], outs[1]
+    split = cfg.text_feature_block is not None  # DragText App. H: ĉ's motion term on another block
+    f_txt = outs[2] if split else None
     f = upsample_features(f_lat, cfg.sup_hw)
     fwd_ok = jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(f_lat))
+    if split:
+        fwd_ok = fwd_ok & jnp.all(jnp.isfinite(f_txt))
+
+    def ct(geps, gf, gtxt=None):
+        """A cotangent of the forward's outputs (the text block's part zero unless given)."""
+        if not split:
+            return geps, gf
+        return geps, gf, jnp.zeros_like(f_txt) if gtxt is None else gtxt
 
     first = st.it == 0  # z = z*, ĉ = c: this forward is the reference's F0 / Φ(z*) forward
     eps0 = jnp.where(first, jax.lax.stop_gradient(eps), st.eps0)
     tmpl = jnp.where(first, templates(f, inp.handles0), st.tmpl)
-    ref_p = st.ref
+    ref_p, ref_t = st.ref, st.ref_text
     if cfg.ms_reference == "initial":
         ref_p = jnp.where(first, reference_patches(f, inp.handles0, cfg.r_m), st.ref)
+        if split:
+            ref_t = jnp.where(first, reference_patches(upsample_features(f_txt, cfg.sup_hw), inp.handles0, cfg.r_m),
+                              st.ref_text)
     tracked = track(f, tmpl, st.handles, inp.targets, inp.mask, r=cfg.r_p, fast=cfg.tracking == "fast")
     handles = jnp.where((st.it > 0) & fwd_ok, tracked, st.handles)
     dist = jnp.linalg.norm(inp.targets - handles, axis=-1)
@@ -253,17 +311,27 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
 
     loss, (gz_local, geps_local, gf_local) = jax.value_and_grad(local_loss, argnums=(0, 1, 2))(
         st.z, eps, f_lat)
-    cotangents = [(geps_local, gf_local)]
+    cotangents = [ct(geps_local, gf_local)]
     if cfg.optimize_text:
         # ∇_ĉ(L + L_text) with L_text = L_ms + n·λ_t·reg; ∂L/∂F = ∂L_ms/∂F
-        cotangents.append(text_cotangent(geps_local, gf_local, gf_local))
+        if split:  # L_text's motion term on the text block's features (App. H)
+            ref_txt = dict(ref_patches=ref_t, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
+
+            def text_motion(ft):
+                return motion_supervision(upsample_features(ft, cfg.sup_hw), handles, inp.targets, inp.mask,
+                                          r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, **ref_txt)
+
+            cotangents.append(ct(*text_cotangent(geps_local, gf_local, jnp.zeros_like(gf_local)),
+                                 jax.grad(text_motion)(f_txt)))
+        else:
+            cotangents.append(text_cotangent(geps_local, gf_local, gf_local))
     if cfg.use_clip:
         def global_loss(z, e):
             return clip_loss(nets.clip_image(shared, predict_x0(sched, z, e, t)), inp.clip_text,
                              hp.clip_coef)
 
         gloss, (gz_global, geps_global) = jax.value_and_grad(global_loss, argnums=(0, 1))(st.z, eps)
-        cotangents.append((geps_global, jnp.zeros_like(f_lat)))
+        cotangents.append(ct(geps_global, jnp.zeros_like(f_lat)))
         loss = loss + gloss
     # one pullback per cotangent (2–3 backward passes through the one forward). Not vmapped over
     # the stacked cotangents: JAX's batching rule for cuDNN attention's backward fails on the JAX
@@ -303,17 +371,29 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     def pick(new, old, cond):
         return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
 
+    it_new = st.it + update.astype(jnp.int32)
+    z_out, c_out, h_out = pick(z_new, st.z, update), pick(c_new, st.c, update), pick(handles, st.handles, live)
+    # a cap's snapshot follows the state through every step that a run with max_iters = cap would
+    # also take (those begun with it < cap): it ends as exactly that run's final state
+    at_cap = jnp.asarray(cfg.snapshots, jnp.int32).reshape(-1) > st.it
+
+    def snap(new, old):
+        return jnp.where(at_cap.reshape((-1,) + (1,) * new.ndim), new[None], old)
+
     return DragState(
-        z=pick(z_new, st.z, update), c=pick(c_new, st.c, update),
+        z=z_out, c=c_out,
         eps0=pick(eps0, st.eps0, live), tmpl=pick(tmpl, st.tmpl, live), ref=pick(ref_p, st.ref, live),
         opt_z=pick(opt_z, st.opt_z, update), opt_c=pick(opt_c, st.opt_c, update),
-        handles=pick(handles, st.handles, live),
-        it=st.it + update.astype(jnp.int32),
+        handles=h_out,
+        it=it_new,
         done=st.done | (live & reached),
         traj=jnp.where(live, st.traj.at[st.it].set(handles), st.traj),
         losses=jnp.where(update, st.losses.at[st.it].set(loss), st.losses),
         stale=pick(stale, st.stale, update),
-        **failure_update(st, fail_now, checks))
+        **failure_update(st, fail_now, checks),
+        ref_text=pick(ref_t, st.ref_text, live),
+        snap_z=snap(z_out, st.snap_z), snap_c=snap(c_out, st.snap_c),
+        snap_it=jnp.where(at_cap, it_new, st.snap_it), snap_handles=snap(h_out, st.snap_handles))
 
 
 def while_live(step_one: Callable, live: Callable, edits, inputs, state,

@@ -12,7 +12,10 @@ Choices where the sources disagree (documented, all overridable):
 - CLIPDrag: the DragBench script's loop settings (r1 4, r2 12, max 40 iterations, lr 0.01, λ 0.1)
   with the fusion weight 0.7 of the paper, the GUI and the author's advice (CLIPDrag issue #1)
   rather than the bench script's 0.3. The GUI runs up to 800 iterations (``max_iters=800``).
-- Fusion rule ``paper`` (eq. 6 as printed); ``code`` reproduces the released sign.
+- Fusion rule ``paper`` (eq. 6 as printed); ``code`` reproduces the released sign; ``project``,
+  ``add`` and ``prograd`` are the vector reading and the two baselines of CLIPDrag's Fig. 7a.
+- ``snapshots`` (iteration caps, e.g. 10,20,40,80,160: CLIPDrag's Tables 1–2 in one run) sets
+  ``max_iters`` to the largest cap unless ``max_iters`` is given too.
 - The background term is applied only when a mask is drawn (DragDiffusion since Dec 2023, CLIPDrag
   HEAD); DragBench has no empty masks.
 """
@@ -23,7 +26,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import SettingsError, check_number
-from .loop import DragConfig, DragHypers
+from .loop import SPLIT_HOSTS, DragConfig, DragHypers
 
 _TEXT = dict(optimize_text=True)
 _TEXT_HYP = dict(text_lr=0.004, text_lam=0.1)
@@ -79,6 +82,9 @@ _HOST_KEYS = {
                  "latent_lr", "lam", "l_expected", "d_max"),
 }
 _TEXT_KEYS = ("stale_latent_grad", "text_lr", "text_lam")
+# DragText's feature-block ablation and the iteration-cap snapshots: this module's loop only
+_SPLIT_KEYS = ("snapshots",)
+_SPLIT_TEXT_KEYS = ("text_feature_block",)
 _CLIP_KEYS = ("fusion", "fuse_weight", "clip_coef")
 
 
@@ -105,9 +111,14 @@ def _key(method) -> str:
 def valid_settings(method: str) -> tuple[str, ...]:
     """The drag settings (config and hyperparameter names) ``method`` reads."""
     cfg = _PRESETS[_key(method)][0]
-    keys = list(_HOST_KEYS[cfg.get("host", "dragdiffusion")])
+    host = cfg.get("host", "dragdiffusion")
+    keys = list(_HOST_KEYS[host])
+    if host in SPLIT_HOSTS:
+        keys += list(_SPLIT_KEYS)
     if cfg.get("optimize_text"):
         keys += [k for k in _TEXT_KEYS if k not in keys]
+        if host in SPLIT_HOSTS:
+            keys += list(_SPLIT_TEXT_KEYS)
     if cfg.get("use_clip"):
         keys += list(_CLIP_KEYS)
     return tuple(keys)
@@ -155,6 +166,20 @@ def resolve(method: str, **overrides: Any) -> tuple[DragConfig, dict[str, float]
         else:
             cfg_kw[k] = v
     hyp = check_hypers(hyp)
+    if cfg_kw.get("snapshots"):
+        caps = cfg_kw["snapshots"]
+        if isinstance(caps, str):  # "10,20,40" (the command line)
+            try:
+                caps = [float(c) for c in caps.replace(",", " ").split()]
+            except ValueError:
+                raise SettingsError(f"setting snapshots = {caps!r}: must be iteration counts like 10,20,40") from None
+        caps = tuple(check_number("snapshots", c, positive=True, integer=True) for c in caps)
+        cfg_kw["snapshots"] = caps
+        if overrides.get("max_iters") is None:  # the run goes on to the largest cap
+            cfg_kw["max_iters"] = max(caps)
+    if cfg_kw.get("text_feature_block") is not None:
+        cfg_kw["text_feature_block"] = check_number("text_feature_block", cfg_kw["text_feature_block"],
+                                                    nonnegative=True, integer=True)
     for k in ("r_m", "r_p", "end_step"):
         if k in cfg_kw:
             cfg_kw[k] = check_number(k, cfg_kw[k], nonnegative=True, integer=True)
