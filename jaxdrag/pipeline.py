@@ -1139,9 +1139,9 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
         pipe._need_clip()
     native = pipe.native_width
     width = native if settings.width is None else (settings.width or None)
-    requests = _generate_images(pipe, requests, settings)
-    prepared = []
-    for r in requests:
+    for i, r in enumerate(requests):  # every request's type and hyperparameters before any work
+        if not isinstance(r, io.EditRequest):
+            raise io.RequestError(f"request {i}: expected an EditRequest, got {type(r).__name__}")
         if not isinstance(r.hypers, dict):
             raise io.RequestError(f"{r.name}: hypers must be a dict of hyperparameters, got {type(r.hypers).__name__}")
         usable = [k for k in valid_settings(method) if k in HYPER_KEYS]
@@ -1153,10 +1153,13 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
             check_hypers(r.hypers)
         except SettingsError as e:
             raise io.RequestError(f"{r.name}: {e}") from None
-        if r.generation is None:
+    requests = _generate_images(pipe, requests, settings)
+    prepared = []
+    for r, z_start in zip(requests, requests.latents):
+        if z_start is None:
             prepared.append(io.prepare(r, width, native))
         else:  # the generation's own size and latent at t*
-            prepared.append(replace(io.prepare(r, None, native), z_start=requests.latents[len(prepared)]))
+            prepared.append(replace(io.prepare(r, None, native), z_start=z_start))
     groups: dict = {}
     for i, p in enumerate(prepared):
         g = p.request.generation
@@ -1199,15 +1202,13 @@ class _Requests(list):
 
 
 def _generate_images(pipe: Pipeline, requests: Sequence, settings: EditSettings) -> _Requests:
-    """Type-check the requests and fill in the image of every request with a ``generation``:
-    one batched DDIM sampling per (size, guidance, negative prompt), keeping each latent at t*."""
+    """Fill in the image of every request with a ``generation`` (its spec checked first): one
+    batched DDIM sampling per (size, guidance, negative prompt), keeping each latent at t*."""
     from . import data as io
 
     out, todo = _Requests(), {}
     out.latents = [None] * len(requests)
     for i, r in enumerate(requests):
-        if not isinstance(r, io.EditRequest):
-            raise io.RequestError(f"request {i}: expected an EditRequest, got {type(r).__name__}")
         out.append(r)
         if r.generation is None:
             continue

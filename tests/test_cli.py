@@ -99,6 +99,38 @@ def test_edit_command(tmp_path, capsys):
     assert "is not 'x,y'" in capsys.readouterr().err
 
 
+def test_generate_then_edit_commands(tmp_path, capsys):
+    """``generate`` writes the image and its spec; ``edit SPEC.json`` drags on the generation with
+    an interpolation strip and iteration-cap snapshots; bad specs are one-line errors."""
+    gen = tmp_path / "gen"
+    assert main(["generate", "--prompt", "a red disc", "--seed", "2", "--guidance-scale", "3", "--out", str(gen),
+                 "--quiet", "--no-compile-cache"]) == 0
+    capsys.readouterr()
+    spec = json.loads((gen / "generation.json").read_text())
+    assert spec == {"prompt": "a red disc", "seed": 2, "guidance_scale": 3.0, "negative_prompt": "",
+                    "height": None, "width": None}
+    size = Image.open(gen / "generated.png").size
+    out = tmp_path / "o"
+    assert main(["edit", str(gen / "generation.json"), "--points", "30,30 40,36", "--out", str(out),
+                 "--method", "dragdiffusion", "--max-iters", "3", "--snapshots", "1,3", "--interpolate", "0,1",
+                 "--quiet", "--no-compile-cache"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["generation"]["seed"] == 2 and rep["iterations"] == 3
+    assert rep["interpolation"]["alphas"] == [0.0, 1.0] and [s["max_iters"] for s in rep["snapshots"]] == [1, 3]
+    assert Image.open(out / "edited.png").size == size
+    assert Image.open(out / "interpolation.png").size == (2 * size[0] + 4, size[1] + 16)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "snapshots" / "iters_0003.png")),
+                                  np.asarray(Image.open(out / "edited.png")))
+    capsys.readouterr()
+    assert main(["edit", str(gen / "generation.json"), "--prompt", "a cat", "--points", "30,30 40,36",
+                 "--out", str(out)] + FAST) == 2
+    assert "a generated image is dragged with its generation prompt 'a red disc'" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"prompt": "x", "guidance_scale": 0.2}))
+    assert main(["edit", str(bad), "--points", "30,30 40,36", "--out", str(out)] + FAST) == 2
+    assert "generation guidance_scale must be a number ≥ 1, got 0.2" in capsys.readouterr().err
+
+
 def test_drag100_layout(tmp_path):
     root = tmp_path / "d100"
     (root / "cat_0").mkdir(parents=True)

@@ -161,7 +161,7 @@ def test_config_errors_name_the_setting():
     # a setting of another method: named, with the method's own list
     with pytest.raises(ValueError, match=r"setting\(s\) not used by method 'dragdiffusion' \['text_lam'\]; "
                                          r"valid for dragdiffusion: r_m, r_p, max_step, ms_reference, ms_weight, "
-                                         r"tracking, max_iters, background, bg_reduction, latent_lr, lam$"):
+                                         r"tracking, max_iters, background, bg_reduction, latent_lr, lam, snapshots$"):
         resolve("dragdiffusion", text_lam=0.2)
     with pytest.raises(ValueError, match=r"not used by method 'gooddrag' \['max_iters'\].*track_per_step"):
         resolve("gooddrag", max_iters=10)
