@@ -36,6 +36,11 @@ DragText gradients (§3.3): the latent gets ∇_z L with L = L_ms + L_bg; the te
 ∇_ĉ(L + L_text), L_text = L_ms + n_active·λ_t·reg, as the reference computes them. The reference
 also leaks ∇_z L_ms of iteration k into the latent step of k+1 (a stale gradient never cleared,
 flagged QUIRK); by default we do not (the paper's update), ``stale_latent_grad=True`` reproduces it.
+
+Ablations of the papers on this loop: ``text_feature_block`` (DragText App. H) takes ĉ's motion
+term from another decoder block (a third network output, its own cotangent; the latent's gradient
+is unchanged); ``snapshots`` (CLIPDrag Tables 1–2) keeps (z, ĉ, handles, it) at each iteration cap
+inside the while_loop, each equal to the final state of a run with ``max_iters`` = that cap.
 """
 
 from __future__ import annotations
