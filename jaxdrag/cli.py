@@ -247,7 +247,6 @@ def cmd_generate(args) -> int:
         raise SettingsError("--prompt: a generation needs a prompt")
     gen = Generation(seed=args.seed, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                      height=args.height, width=args.width).check("generate")
-    args.method = "dragdiffusion"
     pipe = _load(args, False)
     images, _ = pipe.generate([args.prompt], seed=[gen.seed], guidance_scale=gen.guidance_scale,
                               negative_prompt=gen.negative_prompt, hw=gen.size(pipe.native_width))

@@ -1153,9 +1153,9 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
             check_hypers(r.hypers)
         except SettingsError as e:
             raise io.RequestError(f"{r.name}: {e}") from None
-    requests = _generate_images(pipe, requests, settings)
+    requests, latents = _generate_images(pipe, requests, settings)
     prepared = []
-    for r, z_start in zip(requests, requests.latents):
+    for r, z_start in zip(requests, latents):
         if z_start is None:
             prepared.append(io.prepare(r, width, native))
         else:  # the generation's own size and latent at t*
@@ -1195,21 +1195,14 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
     return results
 
 
-class _Requests(list):
-    """Requests with the latents at t* of the generated ones (``latents[i]``, None otherwise)."""
-
-    latents: list
-
-
-def _generate_images(pipe: Pipeline, requests: Sequence, settings: EditSettings) -> _Requests:
+def _generate_images(pipe: Pipeline, requests: Sequence, settings: EditSettings) -> tuple[list, list]:
     """Fill in the image of every request with a ``generation`` (its spec checked first): one
-    batched DDIM sampling per (size, guidance, negative prompt), keeping each latent at t*."""
+    batched DDIM sampling per (size, guidance, negative prompt). Returns (requests, the latent at
+    t* of each generated request, None for the others)."""
     from . import data as io
 
-    out, todo = _Requests(), {}
-    out.latents = [None] * len(requests)
+    out, latents, todo = list(requests), [None] * len(requests), {}
     for i, r in enumerate(requests):
-        out.append(r)
         if r.generation is None:
             continue
         name = r.name if isinstance(r.name, str) else repr(r.name)
@@ -1225,8 +1218,8 @@ def _generate_images(pipe: Pipeline, requests: Sequence, settings: EditSettings)
                                        guidance_scale=scale, negative_prompt=negative, hw=hw, stop_at=k)
         for j, i in enumerate(idx):
             out[i] = replace(requests[i], image=np.asarray(images[j]))
-            out.latents[i] = np.asarray(z_k[j])
-    return out
+            latents[i] = np.asarray(z_k[j])
+    return out, latents
 
 
 def edit(pipe: Pipeline, image, points, prompt: str = "", mask=None, method: str = "dragtext", *,

@@ -326,8 +326,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
                 return motion_supervision(upsample_features(ft, cfg.sup_hw), handles, inp.targets, inp.mask,
                                           r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, **ref_txt)
 
-            cotangents.append(ct(*text_cotangent(geps_local, gf_local, jnp.zeros_like(gf_local)),
-                                 jax.grad(text_motion)(f_txt)))
+            cotangents.append(ct(geps_local, gf_local, jax.grad(text_motion)(f_txt)))
         else:
             cotangents.append(text_cotangent(geps_local, gf_local, gf_local))
     if cfg.use_clip:
