@@ -1,5 +1,5 @@
 """``jaxdrag`` command line: ``edit`` (one image, or a generated one), ``generate``, ``run`` (a DragBench / Drag100 folder), ``demo``,
-``toybench`` (drags with exact ground truth on the toy world), ``eval`` (DragBench metrics of a
+``ui`` (the browser UI), ``toybench`` (drags with exact ground truth on the toy world), ``eval`` (DragBench metrics of a
 results folder).
 
 Every drag setting of the method presets has its own option (``--max-iters``, ``--latent-lr``,
@@ -445,6 +445,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from .ui import check_gradio
+
+    check_gradio()
+    from .ui.app import App
+
+    if args.method not in METHODS:
+        raise SettingsError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
+    for root in args.samples:
+        if not Path(root).is_dir():
+            raise SettingsError(f"--samples {root}: not a folder")
+    model = args.model
+    if model is None:
+        model = default_models()[0]
+    # the CLIP model too when there is one, so every method can be picked in the page
+    args.clip = args.clip if args.clip is not None or args.model is not None else default_models()[1]
+    pipe = _load(args, args.clip is not None)
+    app = App(pipe, samples=args.samples, out=args.out, window_s=args.batch_window, max_batch=args.max_batch,
+              model_name=str(model), default_method=args.method)
+    print(f"jaxdrag UI on http://{args.host}:{args.port} (results saved in {args.out})", file=sys.stderr)
+    app.launch(host=args.host, port=args.port, quiet=args.quiet)
+    return 0
+
+
 def cmd_toybench(args) -> int:
     from .drag.methods import overrides_per_method, resolve
     from .toy import runner
@@ -597,6 +621,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-compile-cache", action="store_true")
     v.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     v.set_defaults(fn=cmd_eval)
+
+    u = sub.add_parser("ui", help="the browser UI (Gradio): load or generate an image, paint the mask, click "
+                                  "handle and target points, run; edits from all open pages run in batches")
+    u.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--samples", type=Path, action="append", default=[],
+                   help="a DragBench or Drag100 folder whose samples the page offers (repeatable); the toy "
+                        "world's samples are always there")
+    u.add_argument("--out", type=Path, default=Path("ui_out"), help="where every result is saved")
+    u.add_argument("--method", default="dragtext", help="the method selected at start")
+    u.add_argument("--batch-window", type=float, default=1.0,
+                   help="seconds an idle queue waits for more edits to join a batch")
+    u.add_argument("--max-batch", type=int, default=8, help="the most edits run together")
+    u.add_argument("--quiet", action="store_true")
+    _add_model_options(u)
+    u.set_defaults(fn=cmd_ui)
 
     d = sub.add_parser("demo", help="drag an object on a toy scene with the built-in toy model")
     d.add_argument("--out", type=Path, default=Path("demo_out"))

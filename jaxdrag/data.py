@@ -414,23 +414,31 @@ def overlay(image: np.ndarray, initial: np.ndarray, final: np.ndarray, targets: 
     return np.asarray(im)
 
 
+def _up(a: np.ndarray, k: int) -> np.ndarray:
+    return np.repeat(np.repeat(a, k, axis=0), k, axis=1)
+
+
+def _sc(p, k: int) -> np.ndarray:
+    """Pixel coordinates of an image upscaled k× (pixel centres stay centres)."""
+    return (np.asarray(p, np.float64) + 0.5) * k - 0.5
+
+
+def result_overlay(result: EditResult, k: int = 1) -> np.ndarray:
+    """``overlay`` of the result, the image upscaled (nearest) k× and everything drawn at that
+    scale: (H·k, W·k, 3) uint8."""
+    return overlay(_up(result.image, k), _sc(result.initial_handles, k), _sc(result.handles, k),
+                   _sc(result.targets, k), _sc(result.trajectory, k))
+
+
 def side_by_side(image: np.ndarray, result: EditResult, min_width: int = 384) -> np.ndarray:
     """Input with handles (red), targets (blue) and arrows | output with the tracked trajectory,
     each upscaled (nearest) by an integer factor so a panel is at least ``min_width`` wide, with
     a 4-px white gap. Returns (H·k, 2·W·k + 4, 3) uint8."""
     k = max(1, -(-min_width // image.shape[1]))
-
-    def up(a):
-        return np.repeat(np.repeat(a, k, axis=0), k, axis=1)
-
-    def sc(p):
-        return (np.asarray(p, np.float64) + 0.5) * k - 0.5
-
     n = len(result.targets)
-    left = overlay(up(image), sc(result.initial_handles), sc(result.initial_handles), sc(result.targets),
-                   np.zeros((0, n, 2)))
-    right = overlay(up(result.image), sc(result.initial_handles), sc(result.handles), sc(result.targets),
-                    sc(result.trajectory))
+    left = overlay(_up(image, k), _sc(result.initial_handles, k), _sc(result.initial_handles, k),
+                   _sc(result.targets, k), np.zeros((0, n, 2)))
+    right = result_overlay(result, k)
     gap = np.full((left.shape[0], 4, 3), 255, np.uint8)
     return np.concatenate([left, gap, right], axis=1)
 

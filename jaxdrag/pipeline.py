@@ -155,6 +155,38 @@ class _ProgressRelay:
             self.target(it, done)
 
 
+class _Bar:
+    """One stage's progress for ``edit_batch(progress=…)``: a tqdm bar (True), a callback
+    ``progress(stage, done, total)`` (a callable, e.g. a UI's), or nothing (False/None)."""
+
+    def __init__(self, progress, stage: str, total: int, desc: str):
+        self.stage, self.total, self.n = stage, int(total), 0
+        self.fn = progress if callable(progress) else None
+        self.tqdm = None
+        if progress is True:
+            from tqdm import tqdm
+            self.tqdm = tqdm(total=self.total, desc=desc, leave=False)
+        self._emit()
+
+    def _emit(self):
+        if self.fn is not None:
+            self.fn(self.stage, self.n, self.total)
+
+    def set(self, n: int) -> None:
+        self.n = min(int(n), self.total)
+        if self.tqdm is not None:
+            self.tqdm.n = self.n
+            self.tqdm.refresh()
+        self._emit()
+
+    def update(self, n: int) -> None:
+        self.set(self.n + n)
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+
+
 class _Stages:
     """Ahead-of-time compiled stage functions, cached per (jitted function, input shapes/dtypes).
 
@@ -839,13 +871,10 @@ def _dummy(p):
 
 
 def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list, c0, b: int, n_real: int,
-                progress: bool, timed, timings: dict):
+                progress, timed, timings: dict):
     """The batch's per-edit LoRAs (B, …) and training losses (steps, B): from the cache when
     every edit's LoRA is there, else trained (and cached)."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=settings.lora.steps, desc=f"LoRA ×{b}", leave=False)
+    bar = _Bar(progress, "lora", settings.lora.steps, f"LoRA ×{b}")
     keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
     lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
     cache_keys = [_lora_key(p, settings.lora) for p in group[:n_real]]
@@ -855,21 +884,18 @@ def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list,
         loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])
         lora_losses = jnp.stack([cache[k][1] for k in cache_keys], axis=1)
         timings["lora"] = 0.0
-        if bar:
-            bar.update(settings.lora.steps)
+        bar.set(settings.lora.steps)
     else:
-        loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora,
-                                   bar.update if bar else None)
+        loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora, bar.update)
         if cache is not None:
             for i, k in enumerate(cache_keys[:n_real]):
                 cache[k] = (jax.tree.map(lambda x: x[i], loras), lora_losses[:, i])
-    if bar:
-        bar.close()
+    bar.close()
     return loras, lora_losses
 
 
 def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig,
-               hypers: list[dict], progress: bool, batch: int | None = None,
+               hypers: list[dict], progress, batch: int | None = None,
                n_pairs: int | None = None) -> list:
     """Run one batch of prepared edits of a common working shape through every stage.
 
@@ -932,15 +958,12 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     t_star = int(pipe.schedule.timesteps[pipe.schedule.start_index(settings.inversion_strength)])
     hyp = DragHypers(*(jnp.asarray([hp[k] for hp in hypers], jnp.float32) for k in DragHypers._fields))
 
-    dbar = None
     cb = None
     if progress:
-        from tqdm import tqdm
-        dbar = tqdm(total=update_budget(cfg), desc=f"drag ×{b}", leave=False)
+        dbar = _Bar(progress, "drag", update_budget(cfg), f"drag ×{b}")
 
         def cb(it, done):
-            dbar.n = int(np.max(np.asarray(it)))
-            dbar.refresh()
+            dbar.set(int(np.max(np.asarray(it))))
 
     prep, loop = pipe.drag_runner(cfg, settings.clip_double_unit_map, progress=cb is not None,
                                   remat=settings.remat, guided=guide is not None)
@@ -954,20 +977,24 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         state = timed("drag", pipe.stages, "drag", loop, shared, loras, inputs, state)
     finally:
         pipe.progress_relay.target = None
-    if dbar:
+    if cb is not None:
         dbar.close()
+    denoising = _Bar(progress, "denoise", 1 + len(settings.interpolation) + len(cfg.snapshots), f"denoise ×{b}")
     plan = _denoise_plan(pipe, cfg, settings, zt, c0, inputs, state)
     if guide is not None:
         plan.update(uncond=jnp.broadcast_to(guide["uncond"], c0.shape), scale=jnp.full((b,), guide["scale"]))
     z_edit = timed("denoise", pipe.denoise, loras, **plan)
     work_hw = group[0].image.shape[:2]
     out = np.asarray(timed("decode", pipe.decode_to_uint8, z_edit, work_hw))
+    denoising.update(1)
     extras = {}
     for kind, value, variant in _extra_denoise_plans(pipe, cfg, settings, plan, shared, loras, zt, c0, t_star,
                                                      state):
         z_x = timed("denoise_extra", pipe.denoise, loras, **variant)
         extras[(kind, value)] = np.asarray(timed("decode_extra", pipe.decode_to_uint8, z_x, work_hw)), \
             np.isfinite(np.asarray(z_x)).reshape(b, -1).all(axis=1)
+        denoising.update(1)
+    denoising.close()
     compile_s = dict(pipe.stages.last_compile_s)
 
     st = jax.tree.map(np.asarray, state)
@@ -1113,7 +1140,7 @@ def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hyper
 
 
 def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
-               settings: EditSettings | None = None, progress: bool = False,
+               settings: EditSettings | None = None, progress: bool | Callable[[str, int, int], None] = False,
                on_result: Callable[[int, Any], None] | None = None,
                on_error: Callable[[list[int], Exception], None] | None = None, **overrides) -> list:
     """Run many edits: requests are grouped by working shape and each group runs as vmapped
@@ -1122,6 +1149,9 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
     group's largest count rounded up to a power of two — so each stage compiles at most once per
     working shape. Between groups, compiled programs are released once more than
     ``pipe.max_live_programs`` are held (a run of any length keeps bounded memory).
+
+    ``progress``: True shows tqdm bars; a callable gets ``(stage, done, total)`` for the stages
+    "lora", "drag" (latent updates) and "denoise" of each batch (a UI's progress bar).
 
     Returns ``EditResult``s in request order. ``on_result(i, result)`` is called as each batch
     finishes (write results as they come); with ``on_error(indices, exception)`` a batch that
