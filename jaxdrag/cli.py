@@ -456,6 +456,12 @@ def cmd_ui(args) -> int:
     for root in args.samples:
         if not Path(root).is_dir():
             raise SettingsError(f"--samples {root}: not a folder")
+    if not args.batch_window >= 0:
+        raise SettingsError(f"--batch-window {args.batch_window}: must be ≥ 0 seconds")
+    if args.max_batch < 1:
+        raise SettingsError(f"--max-batch {args.max_batch}: must be ≥ 1")
+    if not 0 < args.port < 65536:
+        raise SettingsError(f"--port {args.port}: must be in 1…65535")
     model = args.model
     if model is None:
         model = default_models()[0]

@@ -353,3 +353,16 @@ def test_app_generate_then_edit_the_generation(app):
     other = {"background": np.zeros((128, 128, 3), np.uint8), "layers": []}
     *_, s3, status, new = app.on_editor(other, s)
     assert new and s3["generation"] is None and s3["points"] == [] and "new image" in status
+
+
+def test_ui_command_rejects_bad_options(tmp_path, capsys):
+    from jaxdrag.cli import main
+
+    for argv, message in ((["--samples", str(tmp_path / "none")], f"--samples {tmp_path / 'none'}: not a folder"),
+                          (["--method", "dragwhat"], "--method 'dragwhat': choose one of dragdiffusion, "),
+                          (["--max-batch", "0"], "--max-batch 0: must be ≥ 1"),
+                          (["--batch-window", "-1"], "--batch-window -1.0: must be ≥ 0 seconds"),
+                          (["--port", "70000"], "--port 70000: must be in 1…65535")):
+        assert main(["ui", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {message}"), err

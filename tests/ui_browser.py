@@ -9,7 +9,7 @@ from pathlib import Path
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1600,1400")
+                  "--disable-dev-shm-usage", "--window-size=1600,1800")
 
 
 def find_browser() -> tuple[str, str] | None:
