@@ -336,7 +336,8 @@ def test_app_run_saves_and_shows_the_result(app):
 def test_app_generate_then_edit_the_generation(app):
     from jaxdrag.ui.app import _session
 
-    value, prompt, view, text, s, status = app.generate("a blue square", 3, 2.0, _session())
+    value, prompt, edit_prompt, view, text, s, status = app.generate("a blue square", 3, 2.0, _session())
+    assert prompt == "a blue square" and edit_prompt == ""
     assert value["background"].shape == (128, 128, 3) and value["background"][0, 0, 0] == 43
     assert s["generation"] == Generation(seed=3, guidance_scale=2.0) and status.startswith("generated")
     s = {**s, "points": [[10, 10], [20, 10]]}

@@ -161,7 +161,7 @@ class App:
                 "mask cleared: the whole image may change")
 
     def generate(self, prompt: str, seed, guidance, s: dict):
-        """(editor value, prompt, points view, points text, state, status)."""
+        """(editor value, prompt, edit prompt, points view, points text, state, status)."""
         try:
             if not (prompt or "").strip():
                 raise RequestError("generate: write the prompt of the image first")
@@ -175,9 +175,9 @@ class App:
                                              guidance_scale=gen.guidance_scale, hw=gen.size(self.pipe.native_width))
             image = np.asarray(images[0])
         except (RequestError, SettingsError) as e:
-            return (gr.skip(), prompt, *self.points_view(s), s, _error(str(e)))
+            return (gr.skip(), prompt, gr.skip(), *self.points_view(s), s, _error(str(e)))
         ns = {**_session(), "image": image, "generation": gen, "name": "generated", "run": s["run"]}
-        return (canvas.editor_value(image), prompt, *self.points_view(ns), ns,
+        return (canvas.editor_value(image), prompt, "", *self.points_view(ns), ns,
                 f"generated in {time.perf_counter() - t0:.1f} s; the drag will start from its own latent")
 
     def method_fields(self, method: str):
@@ -367,8 +367,8 @@ class App:
                     return self.generate(p, seed_, scale, s)
                 except Exception as e:  # noqa: BLE001 - one line in the page, the trace in the log
                     traceback.print_exc()
-                    return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), s, _error(f"{type(e).__name__}: {e}"))
-            gen_btn.click(generate, [gen_prompt, gen_seed, gen_scale, state], [editor, prompt, *view_out],
+                    return (*(gr.skip(),) * 5, s, _error(f"{type(e).__name__}: {e}"))
+            gen_btn.click(generate, [gen_prompt, gen_seed, gen_scale, state], [editor, prompt, edit_prompt, *view_out],
                           concurrency_limit=1)
 
             def on_method(m):
