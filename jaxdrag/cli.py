@@ -463,10 +463,9 @@ def cmd_ui(args) -> int:
     if not 0 < args.port < 65536:
         raise SettingsError(f"--port {args.port}: must be in 1…65535")
     model = args.model
-    if model is None:
-        model = default_models()[0]
-    # the CLIP model too when there is one, so every method can be picked in the page
-    args.clip = args.clip if args.clip is not None or args.model is not None else default_models()[1]
+    if model is None:  # the default model with its CLIP, so every method can be picked in the page
+        model, default_clip, _ = default_models()
+        args.clip = args.clip or default_clip
     pipe = _load(args, args.clip is not None)
     app = App(pipe, samples=args.samples, out=args.out, window_s=args.batch_window, max_batch=args.max_batch,
               model_name=str(model), default_method=args.method)

@@ -123,6 +123,17 @@ def test_progress_reaches_every_run(tiny_pipe, monkeypatch):
                          settings=FAST, max_iters=ITERS, progress=True)
         drag = [b for b in bars if b.desc.startswith("drag")][-1]
         assert r.iterations > 0 and drag.n == r.iterations, (drag.n, r.iterations)
+    # a callable gets (stage, done, total) per stage (the UI's progress bar); the same programs
+    events = []
+    r = jaxdrag.edit(tiny_pipe, synthetic(96, 128, 4), [(20, 20), (60, 40)], "x", method="dragdiffusion",
+                     settings=FAST, max_iters=ITERS, progress=lambda *e: events.append(e))
+    steps = FAST.lora.steps
+    assert [e for e in events if e[0] == "lora"][0] == ("lora", 0, steps)
+    assert [e for e in events if e[0] == "lora"][-1] == ("lora", steps, steps)
+    drag = [e for e in events if e[0] == "drag"]
+    assert drag[0] == ("drag", 0, ITERS) and drag[-1] == ("drag", r.iterations, ITERS)
+    assert [e for e in events if e[0] == "denoise"] == [("denoise", 0, 1), ("denoise", 1, 1)]
+    assert [e[0] for e in events] == sorted((e[0] for e in events), key=["lora", "drag", "denoise"].index)
 
 
 def test_results_are_written_with_usual_permissions(tiny_pipe, tmp_path):
