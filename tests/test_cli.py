@@ -99,6 +99,7 @@ def test_edit_command(tmp_path, capsys):
     assert "is not 'x,y'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the CLI of generated-image drags; test_paper_extras covers the pipeline path; ≈ 60 s on 2 cores (run with -m slow)
 def test_generate_then_edit_commands(tmp_path, capsys):
     """``generate`` writes the image and its spec; ``edit SPEC.json`` drags on the generation with
     an interpolation strip and iteration-cap snapshots; bad specs are one-line errors."""

@@ -174,6 +174,7 @@ def test_edit_command_exits_1_on_divergence(png, tiny_models, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "report.json").read_text())["failure"]["diverged"]
 
 
+@pytest.mark.slow  # a fuzz of pickles; test_cli's resume test covers skipping bad samples; ≈ 70 s on 2 cores (run with -m slow)
 def test_run_skips_random_malformed_pickles(tiny_models, tmp_path, capsys):
     """DragBench folders with malformed metadata (wrong types, NaN points, bad masks, missing or
     extra keys) are reported and skipped; the good sample still runs."""

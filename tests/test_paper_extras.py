@@ -28,7 +28,7 @@ def image(seed=0, hw=(64, 64)):
 
 # ------------------------------------------------------------------ DragText §6 interpolation
 
-@pytest.mark.parametrize("method", ["dragtext", "dragnoise+dragtext"])
+@pytest.mark.parametrize("method", ["dragtext", pytest.param("dragnoise+dragtext", marks=pytest.mark.slow)])  # the DragNoise host: -m slow
 def test_interpolation_endpoints(tiny_pipe, method, tmp_path):
     """α = 1 is the edit itself (bit for bit), α = 0 the result of a drag that moves nothing (the
     reconstruction; DragNoise: its bottleneck at (z*, c)), α in between and beyond differs from
@@ -65,6 +65,7 @@ def test_interpolation_setting_checked():
 
 # ------------------------------------------------------------------ iteration-cap snapshots
 
+@pytest.mark.slow  # compiles a snapshot loop and two capped loops; ≈ 190 s on 2 cores (run with -m slow)
 def test_snapshots_equal_separate_runs(tiny_pipe, tmp_path):
     """CLIPDrag+DragText with caps (1, 4) in one run: each snapshot's image, update count,
     handles and reached flag equal a separate run with that max_iters, for an edit that runs to
@@ -126,6 +127,7 @@ def _one_step(pipe, method, hw=(64, 64), **over):
     return cfg, nets, shared, lora, args, out
 
 
+@pytest.mark.slow  # the App. H ablation; the split-text step compiles twice; ≈ 130 s on 2 cores (run with -m slow)
 def test_text_feature_block_gradient(tiny_pipe):
     """ĉ's step with the text's motion term on up_blocks[1] (App. H "Block #2") is an Adam step on
     ∇_ĉ[L(F_3) + L_ms(F_2) + n·λ_t·reg] computed directly with jax.grad; with the latent's own block

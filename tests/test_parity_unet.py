@@ -147,6 +147,7 @@ def test_reference_attention(tmp_path):
     assert rel_err(eps[1], plain[1]) > 1e-3
 
 
+@pytest.mark.slow  # remat numerics of the UNet; ≈ 80 s on 2 cores (run with -m slow)
 def test_remat_policies_change_nothing_numerically_and_save_memory(tmp_path):
     """Every remat policy gives the same ε and LoRA gradients, and the residuals the backward
     keeps shrink from "off" to "dots" (matmul/conv/attention outputs) to "blocks" (block inputs).

@@ -4,6 +4,7 @@
 import json
 
 import numpy as np
+import pytest
 
 import jaxdrag
 from jaxdrag import EditSettings, LoRASettings
@@ -14,6 +15,7 @@ FAST = EditSettings(lora=LoRASettings(steps=4))
 ITERS = 3  # all tests here share this and FAST, so the compiled programs are shared
 
 
+@pytest.mark.slow  # the runner's resume; test_toybench_command covers the runner in CI; ≈ 180 s on 2 cores (run with -m slow)
 def test_runner_writes_resumes_and_shares_loras(tiny_pipe, tmp_path):
     tiny_pipe.lora_cache = None
     tasks = bench.make_tasks(3)
