@@ -414,8 +414,9 @@ def overlay(image: np.ndarray, initial: np.ndarray, final: np.ndarray, targets: 
     return np.asarray(im)
 
 
-def _up(a: np.ndarray, k: int) -> np.ndarray:
-    return np.repeat(np.repeat(a, k, axis=0), k, axis=1)
+def upscale(a: np.ndarray, k: int) -> np.ndarray:
+    """(H, W, …) → (H·k, W·k, …), nearest neighbour."""
+    return np.repeat(np.repeat(np.asarray(a), k, axis=0), k, axis=1)
 
 
 def _sc(p, k: int) -> np.ndarray:
@@ -426,7 +427,7 @@ def _sc(p, k: int) -> np.ndarray:
 def result_overlay(result: EditResult, k: int = 1) -> np.ndarray:
     """``overlay`` of the result, the image upscaled (nearest) k× and everything drawn at that
     scale: (H·k, W·k, 3) uint8."""
-    return overlay(_up(result.image, k), _sc(result.initial_handles, k), _sc(result.handles, k),
+    return overlay(upscale(result.image, k), _sc(result.initial_handles, k), _sc(result.handles, k),
                    _sc(result.targets, k), _sc(result.trajectory, k))
 
 
@@ -436,7 +437,7 @@ def side_by_side(image: np.ndarray, result: EditResult, min_width: int = 384) ->
     a 4-px white gap. Returns (H·k, 2·W·k + 4, 3) uint8."""
     k = max(1, -(-min_width // image.shape[1]))
     n = len(result.targets)
-    left = overlay(_up(image, k), _sc(result.initial_handles, k), _sc(result.initial_handles, k),
+    left = overlay(upscale(image, k), _sc(result.initial_handles, k), _sc(result.initial_handles, k),
                    _sc(result.targets, k), np.zeros((0, n, 2)))
     right = result_overlay(result, k)
     gap = np.full((left.shape[0], 4, 3), 255, np.uint8)

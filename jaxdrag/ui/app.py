@@ -234,8 +234,8 @@ class App:
             return (*nothing, _error(f"the edit failed: {json.dumps(res.failure)}"), s)
         image = s["image"]  # as loaded, or the generation the drag started from
         run = s["run"] + 1
-        folder = self._save(res, image, run)
         sbs = side_by_side(image, res) if image is not None and image.shape == res.image.shape else None
+        folder = self._save(res, image, sbs, run)
         k = canvas.display_scale(res.image.shape[:2])
         files = [str(p) for p in sorted(folder.iterdir()) if p.is_file()]
         ns = {**s, "result": res, "run": run}
@@ -264,19 +264,24 @@ class App:
         _, im = min(res.interpolation, key=lambda p: abs(p[0] - float(alpha)))
         return canvas.upscale(im, k)
 
-    def _save(self, res, image, run: int) -> Path:
+    def _save(self, res, image, sbs, run: int) -> Path:
+        """write_result + input.png + side_by_side.png (``sbs``, when there is one) in a new folder."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(res.name)).strip("-") or "edit"
-        folder = self.out / f"{stamp}-{run:03d}-{name}"
+        self.out.mkdir(parents=True, exist_ok=True)
         k = 1
-        while folder.exists():
-            k += 1
-            folder = self.out / f"{stamp}-{run:03d}-{name}-{k}"
+        while True:  # mkdir claims the folder atomically: sessions finishing together never share one
+            folder = self.out / (f"{stamp}-{run:03d}-{name}" + (f"-{k}" if k > 1 else ""))
+            try:
+                folder.mkdir()
+                break
+            except FileExistsError:
+                k += 1
         write_result(res, folder)
         if image is not None:
             Image.fromarray(image).save(folder / "input.png")
-            if image.shape == res.image.shape:
-                Image.fromarray(side_by_side(image, res)).save(folder / "side_by_side.png")
+        if sbs is not None:
+            Image.fromarray(sbs).save(folder / "side_by_side.png")
         return folder
 
     # ------------------------------------------------------------------ the page

@@ -9,6 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..data import upscale  # noqa: F401 - the page's upscale too
+
 DISPLAY_MIN = 512  # the points view is upscaled by an integer factor to at least this many px
 
 
@@ -75,11 +77,6 @@ def mask_from_file(a: np.ndarray) -> np.ndarray:
 def display_scale(hw: tuple[int, int], minimum: int = DISPLAY_MIN) -> int:
     """The integer upscale of the points view: the smallest k with k·min(H, W) ≥ ``minimum``."""
     return max(1, -(-minimum // max(1, min(hw))))
-
-
-def upscale(image: np.ndarray, k: int) -> np.ndarray:
-    """(H, W, C) → (H·k, W·k, C), nearest neighbour (the page shows small images crisply)."""
-    return np.repeat(np.repeat(np.asarray(image), k, axis=0), k, axis=1)
 
 
 def click_to_pixel(index: Sequence[float], scale: int, hw: tuple[int, int]) -> list[int]:
