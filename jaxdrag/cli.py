@@ -439,9 +439,18 @@ def cmd_demo(args) -> int:
     if kind == "toy":
         m = measure(task, res.image)
         summary["measured"] = {k: (round(v, 2) if isinstance(v, float) else v)
-                               for k, v in m.items() if k in ("error", "rel_error", "iou", "survived", "bg_psnr")}
+                               for k, v in m.items()
+                               if k in ("error", "rel_error", "spot_error", "iou", "survived", "bg_psnr")}
         summary["measured"]["drag"] = [list(mv[1:]) for mv in task.moves]
+        summary["measured"]["moved"] = [[round(v, 1) for v in o["moved"]] for o in m["objects"]]
     print(json.dumps(summary, indent=1))
+    if kind == "toy":
+        o = m["objects"][0]
+        print(f"the {task.spec.objects[0].colour} {task.spec.objects[0].shape} moved "
+              f"({o['moved'][0]:.1f}, {o['moved'][1]:.1f}) px for a drag of ({o['drag'][0]}, {o['drag'][1]}): "
+              f"error {o['error']:.1f} px = {100 * o['rel_error']:.0f} % of the drag, "
+              f"{'intact' if o['survived'] else 'not intact'} (area {o['area_out']} px vs {o['area_in']}, "
+              f"spot {'found' if o['spot_found'] else 'lost'}), background PSNR {m['bg_psnr']:.1f} dB")
     return 0
 
 

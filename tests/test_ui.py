@@ -282,9 +282,9 @@ def test_app_starts_on_the_toy_demo_with_a_lora_cache(app):
     assert app.pipe.lora_cache == {}
     assert app.choices[0].label.startswith("toy: demo") and len(app.choices) == 11
     s = _session(app.first)
-    assert s["points"] == [[40, 72], [68, 72]] and _mask(s).shape == (128, 128) and _mask(s).any()
+    assert s["points"] == [[33, 69], [53, 69]] and _mask(s).shape == (128, 128) and _mask(s).any()
     view, text = app.points_view(s)
-    assert view.shape == (512, 512, 3) and text == "1: handle (40, 72) → target (68, 72)"
+    assert view.shape == (512, 512, 3) and text == "1: handle (33, 69) → target (53, 69)"
     for c in app.choices:  # every sample loads
         value, prompt, _, view, text, ns, status = app.load_sample(c.label, s)
         assert value["background"].shape == (128, 128, 3) and prompt and status.startswith("loaded")

@@ -80,7 +80,7 @@ def browser():
 def _open(d, url):
     d.get(url)
     ub.wait_for(lambda: ub.css_all(d, "#points img"), 60, "the points view")
-    ub.wait_for(lambda: "handle (40, 72)" in ub.text_of(d, "points_text"), 30, "the demo sample's points")
+    ub.wait_for(lambda: "handle (33, 69)" in ub.text_of(d, "points_text"), 30, "the demo sample's points")
 
 
 def _status(d, needle: str, timeout: float = 30) -> str:

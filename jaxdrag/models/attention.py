@@ -20,15 +20,25 @@ Array = jax.Array
 
 
 def _xla_attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
-    """softmax(q kᵀ/√H) v with float32 logits and softmax; output in q's dtype."""
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    """softmax(q kᵀ/√H) v with float32 logits and softmax; output in q's dtype.
+
+    Heads are folded into the batch ((B·N, T, H) operands: plain batched matmuls) and the
+    normalisation is applied after the value product (dividing (T, H) instead of (T, S)); the
+    row max is a constant for autodiff (softmax is shift-invariant, so the gradient is exact).
+    On XLA:CPU this is 10× faster forward and 1.5× forward + backward than the einsum over
+    (B, N, T, S) logits at SD's 16×16 / 256-token level (benchmarks/RESULTS.md)."""
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    fold = lambda x: x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h)
+    logits = jnp.einsum("xth,xsh->xts", fold(q), fold(k), preferred_element_type=jnp.float32)
+    logits = logits * (h ** -0.5)
     if causal:
-        t, s = logits.shape[-2:]
         mask = jnp.tril(jnp.ones((t, s), bool))
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("xts,xsh->xth", e.astype(v.dtype), fold(v), preferred_element_type=jnp.float32)
+    out = out / e.sum(axis=-1, keepdims=True)
+    return out.astype(v.dtype).reshape(b, n, t, h).transpose(0, 2, 1, 3)
 
 
 def _to_blocks(x: Array, block: int) -> Array:

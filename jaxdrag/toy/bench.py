@@ -1,9 +1,10 @@
 """ToyBench: drag tasks on held-out toy scenes whose right answer is known exactly, and metrics
 measured by colour segmentation of the output.
 
-A task moves one object (single-pair: the handle at its centre), or two objects (two-pair: one
-handle each), or one object by two handles (two-pair, both on the object), each by an integer
-(dx, dy) of length 8–32 px, so that the moved object stays inside the image and apart from the
+A task moves one object (single-pair: the handle on its black spot, the point an annotator would
+pick), or two objects (two-pair: one handle on each spot), or one object by two handles (two-pair:
+the spot and a point of the body across from it), each by an even integer (dx, dy) of length
+8–24 px (1–3 latent cells), so that the moved object stays inside the image and apart from the
 others. The mask is the union of every moved object's old and new footprint, dilated by
 ``MASK_DILATE`` px. The prompt is the scene's caption; the edit prompt (CLIPDrag's text) is the
 caption of the moved scene.
@@ -14,8 +15,11 @@ palette colour (each object has its own colour):
   (both measured the same way, so the rim's anti-aliasing cancels), and relative to the drag
   length; IoU with the ground-truth moved footprint (segmented the same way from the perfectly
   edited scene, so a perfect edit has IoU 1); survival: segmented area within ±30 % of the
-  input's. An object that vanished has an infinite error. Background PSNR: output vs input outside
-  the mask (where the right answer is the input itself).
+  input's, and its spot found; spot error ‖Δspot − (dx, dy)‖ px, the spot segmented as the
+  pixels within COLOUR_TOL of the spot colour within ``SPOT_REACH`` × size of the object's
+  segmented centroid (found: its area within ±``SPOT_AREA_TOL`` of the input's). An object that
+  vanished has an infinite error. Background PSNR: output vs input outside the mask (where the
+  right answer is the input itself).
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ from . import world
 
 N_TASKS = 50
 FIRST_SEED = 1_010_000  # held out from training (train.HELD_OUT_SEED = 1_000_000)
-DRAG_RANGE = (8, 32)
+DRAG_RANGE = (8, 24)
 MASK_DILATE = 4
 COLOUR_TOL = 50.0
 AREA_TOL = 0.3
+SPOT_AREA_TOL = 0.5
+SPOT_REACH = 0.6
+# the second handle of a two-handle task, across the body from the spot (fractions of the size)
+OPPOSITE: dict[str, tuple[float, float]] = {"disc": (0.2, 0.2), "square": (0.22, 0.22), "triangle": (0.12, 0.1)}
 
 
 @dataclass
@@ -116,14 +124,11 @@ def make_task(seed: int, index: int) -> Task | None:
         points: list[list[float]] = []
         for i, dx, dy in moves:
             o = spec.objects[i]
-            hx, hy = int(round(o.x)), int(round(o.y))
+            handles = [(o.spot.x, o.spot.y)]
             if kind == "two-handles":
-                off = max(2, int(o.size // 4))
-                # two handles across the object, perpendicular-ish to nothing in particular:
-                # left and right of the centre (both inside every shape at this offset)
-                for ox in (-off, off):
-                    points += [[hx + ox, hy], [hx + ox + dx, hy + dy]]
-            else:
+                handles.append(o.point(*OPPOSITE[o.shape]))
+            for x, y in handles:
+                hx, hy = int(round(x)), int(round(y))
                 points += [[hx, hy], [hx + dx, hy + dy]]
         return Task(name=f"toy-{index:04d}", seed=seed, spec=spec, moves=[tuple(map(int, m)) for m in moves],
                     points=points, kind=kind, scene=world.render(spec))
@@ -142,15 +147,20 @@ def make_tasks(n: int = N_TASKS, first_seed: int = FIRST_SEED) -> list[Task]:
     return tasks
 
 
+DEMO_DRAG = (20, 0)
+
+
 def demo_task() -> Task:
-    """The demo's drag: a red disc moved 28 px to the right, past a blue square, on a light gray
-    and pale blue gradient."""
+    """The demo's drag: a red disc with its black spot moved 20 px (2.5 latent cells) to the
+    right, below a blue square, on a light gray and pale blue gradient; the handle on the spot."""
     spec = world.Spec(background=("light gray", "pale blue"), angle=90.0,
-                      objects=(world.Obj("disc", "red", 40.0, 72.0, 30.0),
-                               world.Obj("square", "blue", 98.0, 36.0, 22.0)))
-    moves = [(0, 28, 0)]
-    return Task(name="demo", seed=-1, spec=spec, moves=moves, points=[[40, 72], [68, 72]], kind="single",
-                scene=world.render(spec))
+                      objects=(world.Obj("disc", "red", 40.0, 76.0, 44.0),
+                               world.Obj("square", "blue", 98.0, 32.0, 30.0)))
+    dx, dy = DEMO_DRAG
+    o = spec.objects[0]
+    hx, hy = int(round(o.spot.x)), int(round(o.spot.y))
+    return Task(name="demo", seed=-1, spec=spec, moves=[(0, dx, dy)], points=[[hx, hy], [hx + dx, hy + dy]],
+                kind="single", scene=world.render(spec))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,9 +168,22 @@ def demo_task() -> Task:
 
 
 def segment(image: np.ndarray, colour: str) -> np.ndarray:
-    """(S, S) bool: pixels within COLOUR_TOL (RGB Euclidean) of the palette colour."""
-    d = np.linalg.norm(image.astype(np.float32) - np.asarray(world.PALETTE[colour], np.float32), axis=-1)
+    """(S, S) bool: pixels within COLOUR_TOL (RGB Euclidean) of the palette colour (or of the
+    spot's, for ``world.SPOT_NAME``)."""
+    rgb = world.SPOT_RGB if colour == world.SPOT_NAME else world.PALETTE[colour]
+    d = np.linalg.norm(image.astype(np.float32) - np.asarray(rgb, np.float32), axis=-1)
     return d <= COLOUR_TOL
+
+
+def segment_spot(image: np.ndarray, centre: np.ndarray | None, size: float) -> np.ndarray:
+    """(S, S) bool: spot-coloured pixels within SPOT_REACH × size of ``centre`` (an object's
+    segmented centroid; empty when the object was not found)."""
+    s = image.shape[0]
+    if centre is None:
+        return np.zeros(image.shape[:2], bool)
+    yy, xx = np.mgrid[0:s, 0:image.shape[1]]
+    near = np.hypot(xx - centre[0], yy - centre[1]) <= SPOT_REACH * size
+    return segment(image, world.SPOT_NAME) & near
 
 
 def centroid(mask: np.ndarray) -> np.ndarray | None:
@@ -201,14 +224,22 @@ def measure(task: Task, output: np.ndarray, source: np.ndarray | None = None) ->
         gt = segment(target.image, o.colour)
         iou = float((m_out & gt).sum() / max(1, (m_out | gt).sum()))
         area_in, area_out = int(m_in.sum()), int(m_out.sum())
-        survived = area_in > 0 and abs(area_out - area_in) <= AREA_TOL * area_in
+        s_in, s_out = segment_spot(source, c_in, o.size), segment_spot(output, c_out, o.size)
+        sc_in, sc_out = centroid(s_in), centroid(s_out)
+        spot_in, spot_out = int(s_in.sum()), int(s_out.sum())
+        spot_found = spot_in > 0 and abs(spot_out - spot_in) <= SPOT_AREA_TOL * spot_in
+        spot_err = (float(np.hypot(*(sc_out - sc_in - np.asarray([dx, dy]))))
+                    if sc_in is not None and sc_out is not None else float("inf"))
+        survived = area_in > 0 and abs(area_out - area_in) <= AREA_TOL * area_in and spot_found
         per.append({"object": i, "drag": [dx, dy], "length": length, "moved": moved, "error": err,
                     "rel_error": err / length, "iou": iou, "area_in": area_in, "area_out": area_out,
-                    "survived": bool(survived)})
+                    "spot_error": spot_err, "spot_area_in": spot_in, "spot_area_out": spot_out,
+                    "spot_found": bool(spot_found), "survived": bool(survived)})
     bg = ~task.mask
     return {"name": task.name, "kind": task.kind,
             "error": float(np.mean([p["error"] for p in per])),
             "rel_error": float(np.mean([p["rel_error"] for p in per])),
+            "spot_error": float(np.mean([p["spot_error"] for p in per])),
             "iou": float(np.mean([p["iou"] for p in per])),
             "survived": all(p["survived"] for p in per),
             "bg_psnr": psnr_where(output, source, bg), "objects": per}
@@ -223,8 +254,10 @@ def summarize(metrics: Sequence[dict]) -> dict:
     rel = np.asarray([m["rel_error"] for m in metrics], np.float64)
     psnr = np.asarray([m["bg_psnr"] for m in metrics], np.float64)
     psnr_f = np.minimum(psnr, 100.0)  # an unchanged background is inf dB; cap for the mean
+    spot = np.asarray([m.get("spot_error", np.nan) for m in metrics], np.float64)
     return {"tasks": len(metrics),
             "median_error_px": float(np.median(err)),
+            "median_spot_error_px": float(np.median(spot)),
             "median_rel_error": float(np.median(rel)),
             "within_25pct": float(np.mean(rel <= 0.25)),
             "mean_iou": float(np.mean([m["iou"] for m in metrics])),
@@ -235,14 +268,15 @@ def summarize(metrics: Sequence[dict]) -> dict:
 
 def table_markdown(rows: dict[str, dict], extra: dict[str, dict] | None = None) -> str:
     """A Markdown table of ``summarize`` rows keyed by method."""
-    head = ("| method | tasks | median error (px) | median error / drag | ≤ 25 % | mean IoU | survived "
-            "| median bg PSNR (dB) | mean iterations | s / edit |")
-    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = ("| method | tasks | median error (px) | median error / drag | ≤ 25 % | median spot error (px) "
+            "| mean IoU | survived | median bg PSNR (dB) | mean iterations | s / edit |")
+    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
         e = (extra or {}).get(name, {})
         lines.append(
             f"| {name} | {r['tasks']} | {r['median_error_px']:.2f} | {100 * r['median_rel_error']:.1f} % "
-            f"| {100 * r['within_25pct']:.0f} % | {r['mean_iou']:.3f} | {100 * r['survival']:.0f} % "
+            f"| {100 * r['within_25pct']:.0f} % | {r.get('median_spot_error_px', float('nan')):.2f} "
+            f"| {r['mean_iou']:.3f} | {100 * r['survival']:.0f} % "
             f"| {r['median_bg_psnr']:.2f} | {e.get('iterations', float('nan')):.1f} "
             f"| {e.get('seconds_per_edit', float('nan')):.1f} |")
     return "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
 - VAE reconstruction PSNR (posterior mean → decode, uint8 as the pipeline writes images);
 - text-to-image: DDIM-50 samples (classifier-free guidance) from held-out captions, checked by
   colour segmentation: a sample *contains the requested objects* when every object colour of the
-  caption covers at least ``MIN_AREA_FRAC`` of the object's true area. Also reported: whether each
+  caption covers at least ``MIN_AREA_FRAC`` of the object's true area (and, reported beside it,
+  each with its black spot covering ``MIN_AREA_FRAC`` of the spot's area near the object). Also reported: whether each
   object's segmented centroid lies in the caption's position cell (thirds of the image), and
   whether a palette colour the caption does not ask for covers as much;
 - CLIP: top-1 retrieval accuracy of the caption among a batch of held-out captions, both ways.
@@ -27,18 +28,21 @@ def _cell(x: float, y: float, size: int = world.IMAGE_SIZE) -> tuple[int, int]:
 def check_sample(spec: world.Spec, image: np.ndarray) -> dict:
     """Colour-segmentation check of one generated image against its scene description."""
     truth = world.render(spec)
-    found, placed = [], []
+    found, placed, spots = [], [], []
     for i, o in enumerate(spec.objects):
         seg = bench.segment(image, o.colour)
         area = int(truth.masks[i].sum())
         found.append(bool(seg.sum() >= MIN_AREA_FRAC * area))
         c = bench.centroid(seg)
         placed.append(bool(c is not None and _cell(*c) == _cell(o.x, o.y)))
+        spot_area = int(truth.spot_masks[i].sum())
+        spots.append(bool(bench.segment_spot(image, c, o.size).sum() >= MIN_AREA_FRAC * spot_area))
     asked = {o.colour for o in spec.objects}
     min_area = min(int(m.sum()) for m in truth.masks)
     extra = [c for c in world.PALETTE if c not in asked
              and bench.segment(image, c).sum() >= MIN_AREA_FRAC * min_area]
-    return {"objects_found": all(found), "positions_right": all(placed), "extra_colours": extra}
+    return {"objects_found": all(found), "spots_found": all(spots), "positions_right": all(placed),
+            "extra_colours": extra}
 
 
 def vae_psnr(pipe, n: int = 64, first_seed: int = QUALITY_SEED) -> np.ndarray:
@@ -90,6 +94,7 @@ def evaluate(pipe, n_samples: int = 50, guidance_scale: float = 4.0) -> tuple[di
     out = {"vae_psnr_mean": float(ps.mean()), "vae_psnr_min": float(ps.min()), "vae_scenes": len(ps),
            "samples": len(checks), "guidance_scale": guidance_scale,
            "objects_found": float(np.mean([c["objects_found"] for c in checks])),
+           "objects_and_spots_found": float(np.mean([c["objects_found"] and c["spots_found"] for c in checks])),
            "positions_right": float(np.mean([c["positions_right"] for c in checks])),
            "extra_colours": float(np.mean([bool(c["extra_colours"]) for c in checks]))}
     if pipe.clip is not None:

@@ -1,9 +1,12 @@
-"""The toy world: deterministic procedural 128×128 scenes with exact ground truth.
+"""The toy world (v2): deterministic procedural 128×128 scenes with exact ground truth.
 
 A scene is a background (one flat colour, or a linear gradient between two background colours)
 with one or two non-overlapping objects (disc, square, triangle), each in its own colour of the
-object palette, 16–40 px across. Everything a user or a test needs to build scenes is in the
-constants below (and in ``weights/toy-sd15/WORLD.md``):
+object palette with a black **spot**, a disc at a fixed off-centre place of its body (upper left
+for discs and squares, lower left for triangles): the inner structure a point can be tracked on.
+Objects are 36–56 px across alone, 28–44 px in pairs (4.5–7 latent cells of the factor-8 VAE),
+and ToyBench drags them 8–24 px (1–3 cells). Everything a user or a test needs to build scenes
+is in the constants below (and in ``weights/toy-sd15/WORLD.md``):
 
 - object colours (saturated): ``PALETTE``; background colours (pale or dark, unsaturated):
   ``BACKGROUNDS``. Every object colour is at least ``MIN_COLOUR_GAP`` (RGB Euclidean, 0–255) from
@@ -11,14 +14,16 @@ constants below (and in ``weights/toy-sd15/WORLD.md``):
   to the anti-aliased rim.
 - shapes: ``disc`` (size = diameter), ``square`` (axis-aligned, size = side), ``triangle``
   (equilateral, pointing up, size = side; its centre is the centroid).
-- sizes ``SIZE_RANGE`` px; objects lie ``MARGIN`` px inside the image and at least ``GAP`` px
-  apart (their bounding circles).
+- the spot: centre ``SPOT[shape][:2]`` × size from the object's centre, radius ``SPOT[shape][2]``
+  × size, colour ``SPOT_RGB``; always inside the body (at least 0.06 × size from its outline).
+- sizes ``SIZE_RANGE`` px (one object) or ``PAIR_SIZE_RANGE`` (two); objects lie ``MARGIN`` px
+  inside the image (bounding circles) and at least ``GAP`` px apart (their outlines).
 - edges are anti-aliased by area coverage of a one-pixel box filter, approximated from the signed
   distance: coverage = clip(0.5 − d, 0, 1).
 
 Coordinates are (x, y) pixels, x to the right, y down, pixel centres at integers.
-Captions name colour, shape and position ("a red disc at the top left and a blue square at the
-bottom right on a light gray background").
+Captions name colour, shape, the spot and position ("a red disc with a black spot at the top left
+and a blue square with a black spot at the bottom right on a light gray background").
 """
 
 from __future__ import annotations
@@ -28,11 +33,23 @@ from typing import Sequence
 
 import numpy as np
 
+VERSION = 2
 IMAGE_SIZE = 128
-SIZE_RANGE = (16, 40)
+SIZE_RANGE = (36, 56)
+PAIR_SIZE_RANGE = (28, 44)
+PAIR_FRACTION = 0.4  # of random scenes with two objects
 MARGIN = 4
 GAP = 6
 MIN_COLOUR_GAP = 90.0
+
+SPOT_NAME = "black"
+SPOT_RGB = (15, 15, 15)
+# per shape: (dx, dy, radius) of the spot as fractions of the object's size, from its centre
+SPOT: dict[str, tuple[float, float, float]] = {
+    "disc": (-0.17, -0.17, 0.16),
+    "square": (-0.2, -0.2, 0.16),
+    "triangle": (-0.1, 0.06, 0.13),
+}
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -85,6 +102,17 @@ class Obj:
     def moved(self, dx: float, dy: float) -> "Obj":
         return replace(self, x=self.x + dx, y=self.y + dy)
 
+    @property
+    def spot(self) -> "Obj":
+        """The black spot as a disc object (centre and diameter in px)."""
+        fx, fy, fr = SPOT[self.shape]
+        return Obj("disc", self.colour, self.x + fx * self.size, self.y + fy * self.size,
+                   2 * fr * self.size)
+
+    def point(self, fx: float, fy: float) -> tuple[float, float]:
+        """The point (x, y) px at (fx, fy) × size from the centre."""
+        return self.x + fx * self.size, self.y + fy * self.size
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -112,18 +140,24 @@ class Spec:
 
 @dataclass
 class Scene:
-    """A rendered scene: ``image`` (S, S, 3) uint8, per-object ``masks`` (n, S, S) bool (coverage
-    ≥ ½), ``centroids`` (n, 2) (x, y) px (the exact geometric centres), ``caption``."""
+    """A rendered scene: ``image`` (S, S, 3) uint8, per-object ``masks`` (n, S, S) bool (body
+    coverage ≥ ½, the spot included), per-object ``spot_masks`` (n, S, S) bool, ``centroids`` and
+    ``spot_centres`` (n, 2) (x, y) px (the exact geometric centres), ``caption``."""
 
     spec: Spec
     image: np.ndarray
     masks: np.ndarray
     coverage: np.ndarray = field(repr=False)
     caption: str = ""
+    spot_masks: np.ndarray = field(repr=False, default=None)
 
     @property
     def centroids(self) -> np.ndarray:
         return np.asarray([[o.x, o.y] for o in self.spec.objects], np.float64).reshape(-1, 2)
+
+    @property
+    def spot_centres(self) -> np.ndarray:
+        return np.asarray([[o.spot.x, o.spot.y] for o in self.spec.objects], np.float64).reshape(-1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,14 +209,21 @@ def render(spec: Spec) -> Scene:
         if b not in BACKGROUNDS:
             raise ValueError(f"unknown background colour {b!r}; choose one of {sorted(BACKGROUNDS)}")
     img = background(spec)
-    covs = []
+    covs, spots = [], []
+    black = np.asarray(SPOT_RGB, np.float32)
     for o in spec.objects:
         c = coverage(o, spec.size)
         img = img * (1 - c[..., None]) + o.rgb * c[..., None]
+        cs = coverage(o.spot, spec.size)  # inside the body, so drawn over it
+        img = img * (1 - cs[..., None]) + black * cs[..., None]
         covs.append(c)
-    cov = np.stack(covs) if covs else np.zeros((0, spec.size, spec.size), np.float32)
+        spots.append(cs)
+    empty = np.zeros((0, spec.size, spec.size), np.float32)
+    cov = np.stack(covs) if covs else empty
+    spot = np.stack(spots) if spots else empty
     image = np.clip(np.round(img), 0, 255).astype(np.uint8)
-    return Scene(spec=spec, image=image, masks=cov >= 0.5, coverage=cov, caption=caption(spec))
+    return Scene(spec=spec, image=image, masks=cov >= 0.5, coverage=cov, caption=caption(spec),
+                 spot_masks=spot >= 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +245,7 @@ def position_words(x: float, y: float, size: int = IMAGE_SIZE) -> str:
 
 def describe(o: Obj, size: int = IMAGE_SIZE, positions: bool = True) -> str:
     art = "an" if o.colour[0] in "aeiou" else "a"
-    words = f"{art} {o.colour} {o.shape}"
+    words = f"{art} {o.colour} {o.shape} with a {SPOT_NAME} spot"
     return f"{words} {position_words(o.x, o.y, size)}" if positions else words
 
 
@@ -221,11 +262,25 @@ def caption(spec: Spec, positions: bool = True) -> str:
 # random scenes
 
 
+def _apart(o: Obj, p: Obj, size: int) -> bool:
+    """Whether the outlines of o and p are at least GAP px apart (tested on a half-pixel grid
+    around the two objects; exact for the shapes' signed distances)."""
+    if np.hypot(o.x - p.x, o.y - p.y) >= o.radius + p.radius + GAP:
+        return True
+    lo = max(0.0, min(o.x - o.radius, p.x - p.radius) - GAP)
+    hi = min(size - 1.0, max(o.x + o.radius, p.x + p.radius) + GAP)
+    lo_y = max(0.0, min(o.y - o.radius, p.y - p.radius) - GAP)
+    hi_y = min(size - 1.0, max(o.y + o.radius, p.y + p.radius) + GAP)
+    yy, xx = np.mgrid[lo_y:hi_y + 0.5:0.5, lo:hi + 0.5:0.5].astype(np.float32)
+    # a point within GAP/2 of both outlines means the outlines are closer than GAP
+    return not np.any((signed_distance(o, xx, yy) <= GAP / 2) & (signed_distance(p, xx, yy) <= GAP / 2))
+
+
 def _fits(o: Obj, others: Sequence[Obj], size: int) -> bool:
     r = o.radius
     if not (MARGIN + r <= o.x <= size - 1 - MARGIN - r and MARGIN + r <= o.y <= size - 1 - MARGIN - r):
         return False
-    return all(np.hypot(o.x - p.x, o.y - p.y) >= o.radius + p.radius + GAP for p in others)
+    return all(_apart(o, p, size) for p in others)
 
 
 def fits(spec: Spec, i: int | None = None) -> bool:
@@ -245,20 +300,21 @@ def random_spec(seed: int, n_objects: int | None = None, size: int = IMAGE_SIZE)
         i, j = rng.choice(len(bg_names), 2, replace=False)
         bg = (bg_names[i], bg_names[j])
     angle = float(rng.choice([0.0, 45.0, 90.0, 135.0]))
-    n = int(n_objects if n_objects is not None else rng.integers(1, 3))
+    n = int(n_objects if n_objects is not None else 1 + (rng.random() < PAIR_FRACTION))
     colours = rng.choice(len(PALETTE), n, replace=False)
     names = list(PALETTE)
+    lo, hi = SIZE_RANGE if n == 1 else PAIR_SIZE_RANGE
     objs: list[Obj] = []
     for k in range(n):
         for _ in range(200):
             shape = SHAPES[rng.integers(len(SHAPES))]
-            sz = float(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
+            sz = float(rng.integers(lo, hi + 1))
             o = Obj(shape, names[colours[k]], float(rng.uniform(0, size - 1)),
                     float(rng.uniform(0, size - 1)), sz)
             if _fits(o, objs, size):
                 objs.append(o)
                 break
-        else:  # pragma: no cover - 200 tries always succeed for ≤ 2 objects at these sizes
+        else:  # pragma: no cover - 200 tries always succeed for ≤ 2 objects at these sizes (tested)
             raise RuntimeError(f"seed {seed}: could not place object {k}")
     return Spec(background=bg, objects=tuple(objs), angle=angle if len(bg) == 2 else 0.0, size=size)
 
@@ -274,9 +330,9 @@ def batch(seeds: Sequence[int]) -> tuple[np.ndarray, list[str]]:
 
 
 def check_palette() -> float:
-    """The smallest RGB distance between an object colour and any other palette or background
-    colour (asserted ≥ MIN_COLOUR_GAP by the tests)."""
-    objs = np.asarray(list(PALETTE.values()), np.float32)
+    """The smallest RGB distance between an object colour (or the spot's) and any other palette,
+    spot or background colour (asserted ≥ MIN_COLOUR_GAP by the tests)."""
+    objs = np.asarray(list(PALETTE.values()) + [SPOT_RGB], np.float32)
     bgs = np.asarray(list(BACKGROUNDS.values()), np.float32)
     d_ob = np.linalg.norm(objs[:, None] - bgs[None], axis=-1).min()
     d_oo = np.linalg.norm(objs[:, None] - objs[None], axis=-1)
@@ -287,30 +343,41 @@ def check_palette() -> float:
 def world_markdown() -> str:
     """The world's description for users who build their own scenes (written next to the toy
     weights as WORLD.md; a test keeps the committed file equal to this)."""
-    lines = ["# The toy world", "",
+    lines = [f"# The toy world (v{VERSION})", "",
              f"Scenes are {IMAGE_SIZE}×{IMAGE_SIZE} RGB, generated by `jaxdrag.toy.world` "
              "(`random_scene(seed)`, or `render(Spec(...))` for a scene of your own).", "",
              "## Object colours (saturated)", "", "| name | RGB |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in PALETTE.items()]
     lines += ["", "## Background colours", "", "| name | RGB |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in BACKGROUNDS.items()]
+    lines += ["", f"Spot colour ({SPOT_NAME}): {SPOT_RGB}.", "",
+              f"Every object colour and the spot colour are at least {MIN_COLOUR_GAP:g} (RGB Euclidean "
+              "distance, 0–255) from every other palette colour and every background colour.", "",
+              "## The spot (inner structure)", "",
+              "Every object carries a black spot, a disc inside its body at a fixed place: the point a "
+              "drag's handle is put on, as a DragBench annotator would pick a distinctive point. "
+              "Offsets and radius as fractions of the object's size, from its centre (x right, y down):",
+              "", "| shape | spot centre (dx, dy) | spot radius |", "| --- | --- | --- |"]
+    lines += [f"| {k} | ({v[0]:+g}, {v[1]:+g}) | {v[2]:g} |" for k, v in SPOT.items()]
     lines += ["",
-              f"Every object colour is at least {MIN_COLOUR_GAP:g} (RGB Euclidean distance, 0–255) from every "
-              "other palette colour and every background colour.", "",
               "## Scenes", "",
               "- background: one flat background colour, or a linear gradient between two (at 0°, 45°, 90° "
               "or 135°; 0° runs left → right, 90° top → bottom), half of the scenes each;",
-              "- 1 or 2 objects, each in a different object colour, shapes: "
+              f"- 1 object ({100 * (1 - PAIR_FRACTION):.0f} % of the scenes) or 2, each in a different "
+              "object colour, shapes: "
               + ", ".join(f"`{s}`" for s in SHAPES)
               + " (disc: size = diameter; square: axis-aligned, size = side; triangle: equilateral, "
               "pointing up, size = side, centred on its centroid);",
-              f"- sizes {SIZE_RANGE[0]}–{SIZE_RANGE[1]} px; objects at least {MARGIN} px inside the image and "
-              f"{GAP} px apart (bounding circles);",
+              f"- sizes {SIZE_RANGE[0]}–{SIZE_RANGE[1]} px for one object, {PAIR_SIZE_RANGE[0]}–"
+              f"{PAIR_SIZE_RANGE[1]} px for two (the VAE's latent cell is 8 px); objects at least {MARGIN} px "
+              f"inside the image (bounding circles) and {GAP} px apart (outlines);",
               "- edges anti-aliased (coverage of a one-pixel box filter, from the signed distance);",
               "- coordinates (x, y) in pixels, x to the right, y down, pixel centres at integers;",
-              "- ground truth: per-object coverage and masks (coverage ≥ ½), centres (x, y);",
-              "- captions: `a red disc at the top left and a blue square on the right on a light gray "
-              "background` — colour, shape, position (thirds of the image: top/middle/bottom × "
+              "- ground truth: per-object coverage and masks (coverage ≥ ½, spot included), spot masks, "
+              "object centres and spot centres (x, y);",
+              "- captions: `a red disc with a black spot at the top left and a blue square with a black "
+              "spot on the right on a light gray background` — colour, shape, the spot, position (thirds "
+              "of the image: top/middle/bottom × "
               "left/center/right; \"in the center\" for the middle cell), background;",
               "- seeds below 1 000 000 are training scenes; ToyBench and the quality measurements use "
               "seeds from 1 000 000 up.", ""]

@@ -29,7 +29,7 @@ def toy_choices(n: int = N_TOY) -> list[Choice]:
     """The demo drag first, then ``n`` ToyBench tasks (each labelled with its drag)."""
     from ..toy.bench import demo_task, make_tasks
 
-    out = [Choice("toy: demo — red disc 28 px right", lambda: _toy_request(demo_task()))]
+    out = [Choice("toy: demo — red disc 20 px right", lambda: _toy_request(demo_task()))]
     for t in make_tasks(n):
         moves = ", ".join(f"({dx:+d}, {dy:+d}) px" for _, dx, dy in t.moves)
         out.append(Choice(f"toy: {t.name} — {t.kind}, {moves}", lambda t=t: _toy_request(t)))
