@@ -148,12 +148,15 @@ def _load(args, need_clip: bool):
     if need_clip and clip is None:
         raise SettingsError(f"method {args.method!r} needs a CLIP model: pass --clip PATH "
                             f"(an HF openai/clip-vit-base-patch16 folder)")
+    from .hub import resolve
+
+    # local paths or Hub ids, resolved (and fetched into the Hugging Face cache) before anything loads
+    model = resolve(model, "sd")
+    clip = resolve(clip, "clip") if need_clip and clip is not None else None
     vae = getattr(args, "vae", None)
-    if vae is not None and not Path(vae).exists():
-        from .weights import WeightsError
-        raise WeightsError(f"{vae}: no such VAE folder or file")
+    vae = resolve(vae, "vae") if vae is not None else None
     t0 = time.perf_counter()
-    pipe = load_pipeline(model, clip=clip if need_clip else None, dtype=args.dtype, vae=vae)
+    pipe = load_pipeline(model, clip=clip, dtype=args.dtype, vae=vae)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe
 
@@ -171,20 +174,10 @@ def _parse_points(text: str) -> list[list[float]]:
     return pts
 
 
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    from .data import RequestError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise RequestError(f"{path}: cannot read image ({e})") from None
 
 
 def cmd_edit(args) -> int:
-    from .data import EditRequest, validate, write_result
+    from .data import EditRequest, read_image, validate, write_result
     from .drag.methods import resolve
     from .pipeline import edit_batch
 
@@ -193,7 +186,7 @@ def cmd_edit(args) -> int:
     settings = _settings(args)
     mask = None
     if args.mask is not None:
-        mask = _read_image(args.mask)[..., 0] > 0
+        mask = read_image(args.mask, "L")[0] > 0
     if args.image.suffix.lower() == ".json":  # a generation spec written by `jaxdrag generate`
         gen, prompt = _read_generation(args.image)
         if args.prompt and args.prompt != prompt:
@@ -203,9 +196,10 @@ def cmd_edit(args) -> int:
                           edit_prompt=args.edit_prompt, name=args.image.parent.name or "generated", seed=args.seed,
                           generation=gen)
     else:
-        req = validate(EditRequest(image=_read_image(args.image), points=_parse_points(args.points),
+        img, src = read_image(args.image)
+        req = validate(EditRequest(image=img, points=_parse_points(args.points),
                                    prompt=args.prompt, mask=mask, edit_prompt=args.edit_prompt,
-                                   name=args.image.stem, seed=args.seed))
+                                   name=args.image.stem, seed=args.seed, source=src))
     pipe = _load(args, cfg.use_clip)
     res = edit_batch(pipe, [req], args.method, settings=settings, progress=not args.quiet,
                      **_overrides(args))[0]
@@ -450,7 +444,8 @@ def cmd_demo(args) -> int:
               f"({o['moved'][0]:.1f}, {o['moved'][1]:.1f}) px for a drag of ({o['drag'][0]}, {o['drag'][1]}): "
               f"error {o['error']:.1f} px = {100 * o['rel_error']:.0f} % of the drag, "
               f"{'intact' if o['survived'] else 'not intact'} (area {o['area_out']} px vs {o['area_in']}, "
-              f"spot {'found' if o['spot_found'] else 'lost'}), background PSNR {m['bg_psnr']:.1f} dB")
+              f"spot {'found' if o['spot_found'] else 'lost'}), background PSNR {m['bg_psnr']:.1f} dB",
+              file=sys.stderr)
     return 0
 
 

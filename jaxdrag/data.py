@@ -81,6 +81,9 @@ class EditRequest:
     hypers: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     generation: Generation | None = None
+    # what reading the image file did (``images.ImageInfo.to_json``: EXIF orientation applied,
+    # stored and displayed size), copied into the report's config as "input"
+    source: dict | None = None
 
 
 @dataclass
@@ -180,7 +183,7 @@ def validate(req: EditRequest) -> EditRequest:
         raise RequestError(f"{name}: seed must be an integer in [0, 2^32), got {req.seed!r}")
     return EditRequest(image=img, points=[(float(p[0]), float(p[1])) for p in pts], prompt=req.prompt,
                        mask=mask, edit_prompt=req.edit_prompt, name=name, hypers=dict(req.hypers),
-                       seed=int(req.seed), generation=req.generation)
+                       seed=int(req.seed), generation=req.generation, source=req.source)
 
 
 def working_size(h: int, w: int, width: int | None) -> tuple[int, int]:
@@ -306,12 +309,13 @@ def safe_load_pickle(path: Path) -> Any:
         raise RequestError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise RequestError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+def read_image(path: Path, mode: str = "RGB") -> tuple[np.ndarray, dict]:
+    """(pixels, what reading did) of an input image, EXIF orientation applied (``images.read``);
+    a failure is a one-line ``RequestError`` naming the file."""
+    from .images import read
+
+    arr, info = read(path, mode, error=RequestError)
+    return arr, info.to_json()
 
 
 @dataclass
@@ -328,7 +332,7 @@ class Sample:
             if not isinstance(meta, dict) or not {"prompt", "points", "mask"} <= set(meta):
                 raise RequestError(f"{self.folder / 'meta_data.pkl'}: expected a dict with prompt, "
                                    f"points and mask")
-            img = _read_image(self.folder / "original_image.png")
+            img, src = read_image(self.folder / "original_image.png")
             if not isinstance(meta["prompt"], str):
                 raise RequestError(f"{self.folder / 'meta_data.pkl'}: prompt must be a string, got "
                                    f"{type(meta['prompt']).__name__}")
@@ -336,17 +340,17 @@ class Sample:
                 raise RequestError(f"{self.folder / 'meta_data.pkl'}: mask must be an array, got "
                                    f"{type(meta['mask']).__name__}")
             return EditRequest(image=img, points=meta["points"], prompt=meta["prompt"], mask=meta["mask"],
-                               name=self.name)
+                               name=self.name, source=src)
         if self.kind == "drag100":
             try:
                 pts = json.loads((self.folder / "points.json").read_text())["points"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise RequestError(f"{self.folder / 'points.json'}: cannot read points ({e})") from None
-            img = _read_image(self.folder / "original.jpg")
+            img, src = read_image(self.folder / "original.jpg")
             mask = None
             if (self.folder / "mask.png").exists():
-                mask = np.asarray(Image.open(self.folder / "mask.png").convert("L"))
-            return EditRequest(image=img, points=pts, prompt="", mask=mask, name=self.name)
+                mask = read_image(self.folder / "mask.png", "L")[0]
+            return EditRequest(image=img, points=pts, prompt="", mask=mask, name=self.name, source=src)
         raise RequestError(f"{self.folder}: unknown sample kind {self.kind!r}")
 
 

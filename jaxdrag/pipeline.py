@@ -748,7 +748,9 @@ class Pipeline:
 def load_pipeline(path: str | Path, clip: str | Path | None = None, dtype: Any = "auto", *,
                   attention: str = "auto", lora_rank: int = 16, vae: str | Path | None = None) -> Pipeline:
     """Load SD-1.x from a diffusers folder or an LDM single ``.safetensors`` file, and optionally
-    a CLIP model (HF folder, e.g. openai/clip-vit-base-patch16) for CLIPDrag.
+    a CLIP model (HF folder, e.g. openai/clip-vit-base-patch16) for CLIPDrag. Each may also be a
+    Hugging Face Hub id (``org/name[@revision][/subfolder]``, read through the user's cache;
+    ``jaxdrag.hub``); a local path that exists wins.
 
     dtype: compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); matmul/conv kernels are
     stored in it, every other parameter stays float32. Turns on the persistent compilation cache
@@ -756,8 +758,12 @@ def load_pipeline(path: str | Path, clip: str | Path | None = None, dtype: Any =
     lora_rank: rank of the per-edit LoRA (DragDiffusion: 16). vae: a separate VAE replacing the
     model's for encoding, LoRA training and decoding (GoodDrag uses ``sd-vae-ft-mse``;
     ``weights.load_vae``)."""
-    from . import xla_cache
+    from . import hub, xla_cache
 
+    # a local path, or a Hub id read through huggingface_hub's cache (hub.py)
+    path = hub.resolve(path, "sd")
+    clip = None if clip is None else hub.resolve(clip, "clip")
+    vae = None if vae is None else hub.resolve(vae, "vae")
     xla_cache.enable()
     policy = policy_for(dtype, attention)
     sd = weights.load_sd(path, dtype=policy.compute, attn_impl=policy.attention, lora_rank=lora_rank)
@@ -1020,6 +1026,8 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
             "dtype": jnp.dtype(pipe.policy.compute).name, "batch_size": b, "batch_edits": n_real,
             "lora_final_loss": float(np.asarray(lora_losses)[-1, i]) if len(lora_losses) else None,
         }
+        if p.request.source is not None:
+            config["input"] = p.request.source  # e.g. the EXIF orientation applied on reading
         if generated:
             config["generation"] = dataclasses.asdict(p.request.generation)
             config["lora"] = None  # no LoRA on a generated image (as the reference UI)

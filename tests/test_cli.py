@@ -84,15 +84,29 @@ def test_run_skips_bad_samples_and_resumes(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["done"] == 3
 
 
+def _rotated_photo(path: Path, shown: np.ndarray) -> None:
+    """Save ``shown`` as a phone would: the pixels stored rotated, with EXIF orientation 6
+    ("rotate 90° clockwise to display")."""
+    im = Image.fromarray(np.ascontiguousarray(np.rot90(shown, 1)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(path, exif=exif)
+
+
 def test_edit_command(tmp_path, capsys):
     img = tmp_path / "in.png"
-    Image.fromarray(_image(7)).save(img)
+    _rotated_photo(img, _image(7))  # stored 96 wide × 128 high, shown 128 × 96
+    assert Image.open(img).size == (96, 128)
     out = tmp_path / "o"
     assert main(["edit", str(img), "--points", "50,40 70,45", "--prompt", "a gradient", "--out", str(out),
                  "--method", "dragtext"] + FAST) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["out"] == str(out) and len(printed["final_handles"]) == 1
+    # edited as shown: the points are on the displayed image, the output has its size
     assert Image.open(out / "edited.png").size == (128, 96)
+    src = json.loads((out / "report.json").read_text())["config"]["input"]
+    assert src["orientation"] == 6 and src["applied"] and src["stored_size"] == [96, 128]
+    assert src["size"] == [128, 96] and src["orientation_name"] == "rotated 90° clockwise"
     assert main(["edit", str(img), "--points", "50,40 500,45", "--out", str(out)] + FAST) == 2
     assert "point 1 (target of pair 0) at (x=500, y=45) is outside the 128×96 image" in capsys.readouterr().err
     assert main(["edit", str(img), "--points", "50 70,45", "--out", str(out)] + FAST) == 2
@@ -163,6 +177,6 @@ def test_readme_demo_command(tmp_path):
         assert (tmp_path / "demo_out" / f).exists()
     assert out["iterations"] >= 0
     if out["model"] == "toy":  # the committed trained model: the measured edit is reported
-        assert out["measured"]["drag"] == [[28, 0]] and "error" in out["measured"]
+        assert out["measured"]["drag"] == [[20, 0]] and "error" in out["measured"]
     rep = json.loads((tmp_path / "demo_out" / "report.json").read_text())
     assert rep["config"]["lora"]["steps"] == 80 and rep["config"]["method"] == "dragtext"

@@ -25,15 +25,10 @@ class EvalInputError(ValueError):
 
 
 def read_rgb(path: Path) -> Image.Image:
-    """The image at ``path`` as an RGB PIL image (alpha dropped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"{path}: not found")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise EvalInputError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    """The image at ``path`` as an RGB PIL image (alpha dropped, EXIF orientation applied)."""
+    from ..images import read
+
+    return Image.fromarray(read(path, "RGB", error=EvalInputError)[0])
 
 
 def to_signed(img: Image.Image | np.ndarray) -> np.ndarray:

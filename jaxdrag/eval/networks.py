@@ -43,9 +43,18 @@ def lpips_name(key: str) -> str | None:
     return key  # unknown: reported as unexpected by ``assign``
 
 
+def _local(path: str | Path, kind: str) -> Path:
+    """``path`` if it exists, else a Hub id resolved through the Hugging Face cache; a name that
+    is neither stays as it is, for the loader's own "not found" message."""
+    from ..hub import parse, resolve
+
+    p = Path(path)
+    return p if p.exists() or parse(str(path)) is None else resolve(path, kind)
+
+
 def load_lpips(path: str | Path, *, dtype=jnp.float32) -> W.Component:
-    """LPIPS-AlexNet weights from a ``.safetensors`` file (see the module docstring)."""
-    path = Path(path)
+    """LPIPS-AlexNet weights from a ``.safetensors`` file (or a Hub file id, see ``jaxdrag.hub``)."""
+    path = _local(path, "vae")
     if not path.is_file():
         raise W.WeightsError(f"{path}: LPIPS weights not found (make them with "
                              f"scripts/convert_lpips.py from torchvision's and lpips' .pth files)")
@@ -86,8 +95,8 @@ def _schedule(folder: Path | None) -> DDIM:
 
 def load_dift(path: str | Path, *, dtype=jnp.float32, attn_impl: str = "auto") -> DiftModel:
     """SD-2.1 (or any SD-2.x/1.x-architecture model) for DIFT from a diffusers folder or an LDM
-    single ``.safetensors`` file."""
-    path = Path(path)
+    single ``.safetensors`` file (or a Hub id of either, see ``jaxdrag.hub``)."""
+    path = _local(path, "sd")
     if path.is_dir():
         missing = [c for c in ("unet", "vae", "text_encoder") if not (path / c).is_dir()]
         if missing:
@@ -187,5 +196,5 @@ def load_sd2_single_file(path: Path, *, dtype, attn_impl="auto", configs=None):
 
 def load_clip_image(path: str | Path, *, dtype=jnp.float32, attn_impl: str = "auto") -> W.Component:
     """An HF ``CLIPModel`` folder (DragBench's similarity uses ViT-B/32); both towers are loaded,
-    the image tower and projection are used."""
-    return W.load_hf_clip(Path(path), dtype=dtype, attn_impl=attn_impl)
+    the image tower and projection are used. ``path`` may be a Hub id (``jaxdrag.hub``)."""
+    return W.load_hf_clip(_local(path, "clip"), dtype=dtype, attn_impl=attn_impl)
