@@ -257,9 +257,14 @@ def cmd_run(args) -> int:
     from .drag.methods import resolve
     from .pipeline import edit_batch
 
+    from . import cluster
+
     t_start = time.perf_counter()
-    # before anything touches a JAX backend
-    pid, nproc = _init_distributed(args) if args.distributed else (0, 1)
+    where = (cluster.place(args.coordinator, args.num_processes, args.process_id) if args.distributed
+             else cluster.Place(0, 1, ""))
+    pid, nproc = where.pid, where.nproc
+    if not args.peer_timeout > 0:
+        raise SettingsError(f"--peer-timeout {args.peer_timeout}: must be > 0 seconds")
     cfg, _ = resolve(args.method, **_overrides(args))
     settings = _settings(args)
     samples = find_samples(args.dataset)
@@ -269,8 +274,14 @@ def cmd_run(args) -> int:
         samples = samples[:args.limit]
     out = Path(args.out)
     n_all = len(samples)
+    names = [s.name for s in samples]
     samples = samples[pid::nproc]  # this process's share (every process lists the same samples)
     todo = [s for s in samples if not is_done(out / s.name)]
+    coord = peer = None
+    if nproc > 1:  # heartbeats start now, before the model loads and compiles
+        finished = [s.name for s in samples if s not in todo]
+        coord = cluster.Coordinator(where) if pid == 0 else None
+        peer = cluster.Peer(where, finished) if pid != 0 else None
     if nproc > 1:
         print(f"process {pid} of {nproc}: {len(samples)} of the {n_all} samples", file=sys.stderr)
     print(f"{len(samples)} samples, {len(samples) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
@@ -303,6 +314,8 @@ def cmd_run(args) -> int:
                 res.name = s.name
                 write_result(res, out / s.name)
                 ran.append(s.name)
+                if peer is not None and res.failure is None:
+                    peer.finish(s.name)
                 if res.failure is not None:
                     d = res.failure.get("diverged", {})
                     failures[s.name] = (f"diverged at iteration {d.get('iteration')} "
@@ -327,48 +340,31 @@ def cmd_run(args) -> int:
                                 "per_stage": dict(pipe.stages.compiles)}
         summary = {"dataset": str(args.dataset), "method": args.method, "total": len(samples), "done": done,
                    "failed": failures, **stats, "wall_s": round(time.perf_counter() - t_start, 1)}
+        missing = []
         if nproc > 1:
             summary.update(process=pid, ran=ran)
-            summary = _gather_summaries(summary, pid, nproc, n_all)
+            if coord is not None:
+                gathered = coord.wait(args.peer_timeout, log=lambda m: print(m, file=sys.stderr))
+                coord.close()
+                summary = cluster.merge(summary, gathered, {p: names[p::nproc] for p in range(nproc)}, n_all,
+                                        on_disk=lambda name: is_done(out / name))
+                missing = summary["missing"]
+                if missing:
+                    print(f"process 0: {len(missing)} sample(s) of lost processes not finished: "
+                          f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; rerun the same command "
+                          f"to complete them", file=sys.stderr)
+            elif not peer.send_summary(summary, give_up_after=args.peer_timeout):
+                alone = out / f"summary.process-{pid}.json"
+                write_json(alone, summary)
+                print(f"process {pid}: process 0 at {where.coordinator} did not take the summary within "
+                      f"{args.peer_timeout:g} s; wrote {alone}", file=sys.stderr)
+                missing = ["(summary not merged)"]
+            summary = summary if pid == 0 else None
         if summary is not None:
             write_json(out / "summary.json", summary)
-    print(json.dumps({"done": done, "failed": len(failures), "summary": str(out / "summary.json")}))
-    return 0 if not failures else 1
-
-
-def _init_distributed(args) -> tuple[int, int]:
-    """``jax.distributed.initialize`` (explicit coordinator/process settings, or auto-detected on
-    TPU pods, SLURM, …); returns (process index, process count)."""
-    import jax
-
-    given = [args.coordinator, args.num_processes, args.process_id]
-    if any(v is not None for v in given) and not all(v is not None for v in given):
-        raise SettingsError("--distributed: give all of --coordinator, --num-processes and --process-id, or "
-                            "none (auto-detection)")
-    if args.coordinator is not None:
-        if not 0 <= args.process_id < args.num_processes:
-            raise SettingsError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}")
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    else:
-        jax.distributed.initialize()
-    return jax.process_index(), jax.process_count()
-
-
-def _gather_summaries(mine: dict, pid: int, nproc: int, n_all: int) -> dict | None:
-    """Every process posts its summary to the coordinator's key-value store; process 0 waits
-    for all of them and returns the merged summary (the others return None)."""
-    from jax._src import distributed
-
-    client = distributed.global_state.client
-    client.key_value_set(f"jaxdrag_run_summary/{pid}", json.dumps(mine))
-    if pid != 0:
-        return None
-    parts = [json.loads(client.blocking_key_value_get(f"jaxdrag_run_summary/{i}", 7 * 24 * 3600 * 1000))
-             for i in range(nproc)]
-    return {"dataset": mine["dataset"], "method": mine["method"], "total": n_all,
-            "done": sum(p["done"] for p in parts), "failed": {k: v for p in parts for k, v in p["failed"].items()},
-            "processes": parts, "wall_s": max(p["wall_s"] for p in parts)}
+    print(json.dumps({"done": done, "failed": len(failures), "summary": str(out / "summary.json"),
+                      **({"missing": len(missing)} if missing else {})}))
+    return 0 if not failures and not missing else 1
 
 
 def _local_devices(spec: str):
@@ -585,10 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--devices", default="all",
                    help="local devices to spread each batch over: all (default) or a count")
     r.add_argument("--distributed", action="store_true",
-                   help="one of several processes/hosts (jax.distributed): each takes every n-th sample")
+                   help="one of several processes/hosts: each takes every n-th sample; process 0 merges the "
+                        "summaries and survives a lost peer (jaxdrag.cluster)")
     r.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0")
     r.add_argument("--num-processes", type=int, default=None, help="with --distributed: process count")
     r.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
+    r.add_argument("--peer-timeout", type=float, default=120.0,
+                   help="with --distributed: seconds without a heartbeat after which process 0 declares a peer "
+                        "lost and writes the summary without it (default 120)")
     _add_model_options(r)
     _add_drag_options(r)
     r.set_defaults(fn=cmd_run)
@@ -662,6 +662,7 @@ def main(argv=None) -> int:
     """Run a sub-command. Bad input (a request, a setting, a weight file) prints one line
     ``error: …`` and returns 2; any other failure prints ``error: …`` and returns 1; ``--debug``
     shows the traceback instead."""
+    from .cluster import ClusterError
     from .data import RequestError
     from .weights import WeightsError
 
@@ -669,7 +670,7 @@ def main(argv=None) -> int:
     try:
         _enable_compile_cache(not args.no_compile_cache)
         return args.fn(args)
-    except (RequestError, SettingsError, WeightsError) as e:
+    except (RequestError, SettingsError, WeightsError, ClusterError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

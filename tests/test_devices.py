@@ -85,3 +85,52 @@ def test_two_processes_split_a_dataset(tiny_models, tmp_path):
     for i in range(5):
         assert json.loads((out / "cat" / f"s{i}" / "report.json").read_text())["name"] == f"cat/s{i}"
     assert "process 1 of 2: 2 of the 5 samples" in logs[1][1]
+
+
+def test_a_killed_peer_is_named_and_a_rerun_completes(tiny_models, tmp_path):
+    """Two processes; process 1 is killed after its first result. Process 0 finishes its share,
+    declares process 1 lost within --peer-timeout of its last heartbeat, writes the summary of
+    what finished with the missing samples named, exits 1; a rerun completes the missing ones."""
+    import time
+
+    data, out = tmp_path / "bench", tmp_path / "out"
+    for i in range(6):
+        _dragbench_sample(data / "cat" / f"s{i}", i)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+
+    def start(i):
+        return subprocess.Popen([sys.executable, "-m", "jaxdrag.cli", "run", str(data), "--out", str(out),
+                                 "--model", str(tiny_models[0]), "--method", "dragdiffusion", "--lora-steps", "2",
+                                 "--max-iters", "2", "--batch-size", "1", "--quiet", "--distributed",
+                                 "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                                 "--process-id", str(i), "--peer-timeout", "15"],
+                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    p0, p1 = start(0), start(1)
+    deadline = time.monotonic() + 900
+    while not (out / "cat" / "s1" / "report.json").exists():  # process 1's first sample
+        assert time.monotonic() < deadline and p1.poll() is None
+        time.sleep(0.2)
+    p1.kill()
+    killed_at = time.monotonic()
+    _, err0 = p0.communicate(timeout=900)
+    p1.communicate()
+    assert p0.returncode == 1, err0[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    lost = summary["lost_processes"]["1"]
+    assert "cat/s1" in lost["finished"] and 15 <= lost["silent_s"] < 60
+    assert set(summary["missing"]) == {"cat/s3", "cat/s5"} - set(lost["finished"])
+    assert summary["missing"] and summary["done"] == 6 - len(summary["missing"])
+    assert "lost process(es) 1" in err0 and "rerun the same command" in err0
+    assert time.monotonic() - killed_at < 15 + 120  # bounded, not the old seven days
+    # the rerun does only what is missing
+    p0, p1 = start(0), start(1)
+    logs = [p.communicate(timeout=900) for p in (p0, p1)]
+    assert p0.returncode == 0 and p1.returncode == 0, [e[-2000:] for _, e in logs]
+    assert "3 samples, 3 already done, 0 to run" in logs[0][1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 6 and not summary["missing"] and not summary["lost_processes"]
+    for i in range(6):
+        assert (out / "cat" / f"s{i}" / "edited.png").exists()
