@@ -235,7 +235,7 @@ def _read_generation(path: Path):
 def cmd_generate(args) -> int:
     """Sample an image to drag on: DIR/generated.png and DIR/generation.json (pass the JSON to
     ``jaxdrag edit`` with points picked on the PNG)."""
-    from .data import Generation, _atomic_write, _png, write_json
+    from .data import Generation, atomic_write, png_bytes, write_json
 
     if not args.prompt.strip():
         raise SettingsError("--prompt: a generation needs a prompt")
@@ -244,7 +244,7 @@ def cmd_generate(args) -> int:
     pipe = _load(args, False)
     images, _ = pipe.generate([args.prompt], seed=[gen.seed], guidance_scale=gen.guidance_scale,
                               negative_prompt=gen.negative_prompt, hw=gen.size(pipe.native_width))
-    _atomic_write(args.out / "generated.png", _png(np.asarray(images[0])))
+    atomic_write(args.out / "generated.png", png_bytes(np.asarray(images[0])))
     write_json(args.out / "generation.json", {"prompt": args.prompt, **dataclasses.asdict(gen)})
     print(json.dumps({"image": str(args.out / "generated.png"), "spec": str(args.out / "generation.json")}))
     return 0

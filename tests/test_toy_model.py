@@ -1,9 +1,12 @@
 """The trained toy model (committed in weights/): it loads unchanged through the public loaders,
-its documentation matches the generator, and a real drag on it moves the object (thresholds from
-the measurements recorded in weights/toy-sd15/README.md, with margin)."""
+its documentation matches the generator, and real drags on it move the object by its drag and
+keep it intact (thresholds from the measurements recorded in weights/toy-sd15/README.md, with
+margin). DragDiffusion and DragText run on the demo task once (module fixture, one LoRA shared
+through the LoRA cache) and the tests assert on those results."""
 
 import json
 
+import numpy as np
 import pytest
 
 import jaxdrag
@@ -12,15 +15,33 @@ from jaxdrag.toy import bench, toy_paths, world
 PATHS = toy_paths()
 needs_toy = pytest.mark.skipif(PATHS is None, reason="trained toy model not present in weights/")
 
+# measured on the committed weights (weights/toy-sd15/README.md, "The demo"): see MEASURED below.
+# The thresholds keep a margin from those figures; float differences between machines move the
+# result by far less.
+VAE_PSNR_MIN = 29.0
+DEMO_REL_ERROR_MAX = 0.25      # the issue's goal: within 25 % of the drag
+DEMO_BG_PSNR_MIN = 29.0
+DRAGTEXT_REL_ERROR_MAX = 0.25
+
 
 @needs_toy
 def test_world_doc_next_to_the_weights_matches_the_generator():
     assert (PATHS[0] / "WORLD.md").read_text() == world.world_markdown()
+    info = json.loads((PATHS[0] / "model_index.json").read_text())["jaxdrag_toy"]
+    assert info["world_version"] == world.VERSION
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    pipe = jaxdrag.load_pipeline(PATHS[0], clip=PATHS[1], dtype="float32")
+    pipe.enable_lora_cache()
+    yield pipe
+    pipe.lora_cache = None
 
 
 @needs_toy
-def test_toy_model_loads_in_the_real_formats():
-    pipe = jaxdrag.load_pipeline(PATHS[0], clip=PATHS[1], dtype="float32")
+def test_toy_model_loads_in_the_real_formats(toy_pipe):
+    pipe = toy_pipe
     assert pipe.native_width == 128
     assert pipe.sd.unet.cfg.block_out_channels == (32, 64, 64, 64)
     info = json.loads((PATHS[0] / "model_index.json").read_text())["jaxdrag_toy"]
@@ -32,25 +53,39 @@ def test_toy_model_loads_in_the_real_formats():
     assert ps.mean() > VAE_PSNR_MIN, ps
 
 
-# measured (weights/toy-sd15/README.md): held-out VAE PSNR 30.4 dB mean; the demo drag with
-# DragDiffusion's defaults moved the disc ≈ 6 px right of the 28 px asked (relative error ≈ 0.8),
-# background PSNR ≈ 31 dB. Thresholds keep a margin below those figures.
-VAE_PSNR_MIN = 27.0
-DEMO_MOVED_X_MIN = 3.0
-DEMO_REL_ERROR_MAX = 0.95
-DEMO_BG_PSNR_MIN = 28.0
+@pytest.fixture(scope="module")
+def demo_edits(toy_pipe):
+    """The demo drag with DragDiffusion's and DragText's defaults (LoRA 80 steps, 80 iterations;
+    the LoRA trained once): {method: (result, metrics)}."""
+    t = bench.demo_task()
+    out = {}
+    for method in ("dragdiffusion", "dragtext"):
+        res = jaxdrag.edit(toy_pipe, t.image, t.points, t.prompt, mask=t.mask, method=method)
+        out[method] = (res, bench.measure(t, res.image))
+    return out
 
 
 @needs_toy
-def test_drag_on_the_trained_model_moves_the_object():
-    """The demo's drag with DragDiffusion's defaults (LoRA 80 steps, 80 iterations): the red disc
-    moves right — the dragged direction, not along y (a swapped x/y or a wrong sign fails) — and the
-    background outside the mask is kept."""
-    pipe = jaxdrag.load_pipeline(PATHS[0], dtype="float32")
-    t = bench.demo_task()
-    res = jaxdrag.edit(pipe, t.image, t.points, t.prompt, mask=t.mask, method="dragdiffusion")
-    m = bench.measure(t, res.image)
-    moved = m["objects"][0]["moved"]
-    assert moved[0] > DEMO_MOVED_X_MIN and abs(moved[1]) < moved[0], m
-    assert m["rel_error"] < DEMO_REL_ERROR_MAX, m
+def test_drag_moves_the_object_by_its_drag_and_keeps_it(demo_edits):
+    """DragDiffusion moves the red disc 20 px right — the dragged direction and distance, not along
+    y (a swapped x/y or a wrong sign fails) — with its area and its spot kept, and the background
+    outside the mask kept."""
+    res, m = demo_edits["dragdiffusion"]
+    o = m["objects"][0]
+    assert o["moved"][0] > 15 and abs(o["moved"][1]) < 5, m
+    assert m["rel_error"] <= DEMO_REL_ERROR_MAX, m
+    assert o["survived"] and o["spot_found"] and m["spot_error"] < 0.35 * o["length"], m
+    assert m["iou"] > 0.6, m
     assert m["bg_psnr"] > DEMO_BG_PSNR_MIN, m
+    assert res.iterations > 0 and np.hypot(*(res.handles[0] - res.targets[0])) < 4, res.handles
+
+
+@needs_toy
+def test_dragtext_on_the_same_drag(demo_edits):
+    """DragText on the same task and the same LoRA: no worse than the goal, the object intact, the
+    background kept (its text embedding changes, so the image differs from DragDiffusion's)."""
+    (dd, _), (dt, m) = demo_edits["dragdiffusion"], demo_edits["dragtext"]
+    assert dt.timings["lora"] == 0.0  # the LoRA of the first edit was reused
+    assert m["rel_error"] <= DRAGTEXT_REL_ERROR_MAX and m["objects"][0]["survived"], m
+    assert m["bg_psnr"] > DEMO_BG_PSNR_MIN, m
+    assert np.abs(dt.image.astype(int) - dd.image.astype(int)).mean() > 0.05

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from ..data import RequestError, _atomic_write, find_samples, write_json
+from ..data import RequestError, atomic_write, find_samples, write_json
 from ..errors import SettingsError
 from .image import EvalInputError, clip_preprocess, pil_resize_to, read_rgb, to_signed, to_signed_dift
 from .metrics import dai, match_distances
@@ -220,5 +220,5 @@ def evaluate(results: str | Path, data: str | Path, out: str | Path, nets: Netwo
     bar.close()
     summary = summarize(out, [x.name for x in samples], s, skipped)
     write_json(out / "summary.json", summary)
-    _atomic_write(out / "summary.md", markdown(summary).encode())
+    atomic_write(out / "summary.md", markdown(summary).encode())
     return summary
