@@ -269,7 +269,7 @@ def test_separate_vae_folder_and_single_files(tiny_sd, tmp_path):
     weights.save_safetensors(vae, folder / "diffusion_pytorch_model.safetensors")
     (folder / "config.json").write_text(json.dumps(TINY_VAE.to_diffusers()))
     n = len(TINY_VAE.block_out_channels)
-    ldm = {weights.ldm_vae_key(k, n): (v[:, :, None, None] if weights._is_vae_attn_proj(k) else v)
+    ldm = {weights.ldm_vae_key(k, n): (v[:, :, None, None] if weights.is_vae_attn_proj(k) else v)
            for k, v in vae.items()}
     weights.save_safetensors(ldm, tmp_path / "vae-ldm.safetensors")
     weights.save_safetensors({weights.LDM_VAE + k: v for k, v in ldm.items()}, tmp_path / "vae-prefixed.safetensors")
