@@ -111,15 +111,16 @@ def _explain(hid: HubId, e: Exception) -> str:
 
 
 def resolve(name: str | Path, kind: str) -> Path:
-    """A local path for the model ``name``: the path itself if it exists, else the Hub id's
-    snapshot folder (or file) in the Hugging Face cache, fetching what is missing unless offline.
+    """A local path for the model ``name``: the path itself if it exists (or if ``name`` is no Hub
+    id, for the loader's own "not found" message), else the Hub id's snapshot folder (or file) in
+    the Hugging Face cache, fetching what is missing unless offline.
     ``kind``: "sd" (a diffusers pipeline folder), "vae" or "clip" (one model folder)."""
     path = Path(name).expanduser()
     if path.exists():
         return path
     hid = parse(str(name))
-    if hid is None:
-        raise WeightsError(f"{name}: not found (neither a local path nor a Hub id org/name[@revision][/subfolder])")
+    if hid is None:  # not an id either: the loader names what it expected
+        return path
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
     except ImportError:  # pragma: no cover - installed with transformers

@@ -93,7 +93,7 @@ def test_missing_repo_revision_and_file_are_one_line_errors(cache, monkeypatch):
         "jaxdrag/no-unet@nope": "HF_HUB_OFFLINE is set and the Hugging Face cache has no copy of it",
         "jaxdrag/no-unet": "no unet/diffusion_pytorch_model.safetensors in the Hugging Face cache",
         "jaxdrag/no-unet/model.ckpt": "a pickled PyTorch file",
-        "not an id": "neither a local path nor a Hub id",
+        "not an id": "no such model folder or file",
     }
     for name, msg in cases.items():
         with pytest.raises(WeightsError) as e:

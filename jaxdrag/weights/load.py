@@ -268,7 +268,7 @@ def load_vae(path: str | Path, *, dtype, attn_impl="auto", like=None) -> Compone
             raise WeightsError(f"{path}: not a diffusers VAE folder (no config.json)")
         return load_diffusers_vae(path, dtype=dtype, attn_impl=attn_impl)
     if not path.is_file():
-        raise WeightsError(f"{path}: no such VAE folder or file")
+        raise WeightsError(f"{path}: no such VAE folder or file (or Hub id org/name[@revision][/subfolder])")
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path}: a VAE file must be .safetensors (PyTorch pickles are not read)")
     cfg = like or SD15_VAE
@@ -310,5 +310,5 @@ def load_sd(path: str | Path, *, dtype, attn_impl: str = "auto", lora_rank: int 
     if path.is_file():
         unet, vae, text = load_single_file(path, dtype=dtype, attn_impl=attn_impl, lora_rank=lora_rank)
         return SDComponents(unet, vae, text, None, path)
-    raise WeightsError(f"{path}: no such model folder or file (expected a diffusers folder or an SD-1.x "
-                       f".safetensors single file)")
+    raise WeightsError(f"{path}: no such model folder or file (expected a diffusers folder, an SD-1.x "
+                       f".safetensors single file or a Hub id org/name[@revision])")

@@ -1,0 +1,132 @@
+"""``jaxdrag run``: a DragBench / Drag100 folder, batched, resumable, optionally split over
+several processes (``jaxdrag.cluster``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+from ..errors import SettingsError
+from .models import load_models, local_devices
+from .options import drag_overrides, edit_settings
+
+
+def cmd_run(args) -> int:
+    from tqdm import tqdm
+
+    from ..data import RequestError, find_samples, is_done, validate, write_json, write_result
+    from ..drag.methods import resolve
+    from ..pipeline import edit_batch
+
+    from . import cluster
+
+    t_start = time.perf_counter()
+    where = (cluster.place(args.coordinator, args.num_processes, args.process_id) if args.distributed
+             else cluster.Place(0, 1, ""))
+    pid, nproc = where.pid, where.nproc
+    if not args.peer_timeout > 0:
+        raise SettingsError(f"--peer-timeout {args.peer_timeout}: must be > 0 seconds")
+    cfg, _ = resolve(args.method, **drag_overrides(args))
+    settings = edit_settings(args)
+    samples = find_samples(args.dataset)
+    if args.only:
+        samples = [s for s in samples if s.name in set(args.only)]
+    if args.limit:
+        samples = samples[:args.limit]
+    out = Path(args.out)
+    n_all = len(samples)
+    names = [s.name for s in samples]
+    samples = samples[pid::nproc]  # this process's share (every process lists the same samples)
+    todo = [s for s in samples if not is_done(out / s.name)]
+    coord = peer = None
+    if nproc > 1:  # heartbeats start now, before the model loads and compiles
+        finished = [s.name for s in samples if s not in todo]
+        coord = cluster.Coordinator(where) if pid == 0 else None
+        peer = cluster.Peer(where, finished) if pid != 0 else None
+    if nproc > 1:
+        print(f"process {pid} of {nproc}: {len(samples)} of the {n_all} samples", file=sys.stderr)
+    print(f"{len(samples)} samples, {len(samples) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
+    failures: dict[str, str] = {}
+    done = len(samples) - len(todo)
+    # read and check every sample before the model is loaded: bad ones are reported and skipped
+    loaded = []
+    for s in todo:
+        try:
+            req = s.load()
+            req.seed = args.seed
+            loaded.append((s, validate(req)))
+        except RequestError as e:
+            failures[s.name] = str(e)
+            print(f"skipped {s.name}: {e}", file=sys.stderr)
+    stats: dict = {}
+    ran: list[str] = []
+    pipe = None
+    try:
+        if loaded:
+            pipe = load_models(args, cfg.use_clip)
+            n_dev = pipe.use_devices(local_devices(args.devices))
+            if n_dev > 1:
+                print(f"edits spread over {n_dev} devices", file=sys.stderr)
+            bar = tqdm(total=len(loaded), desc="samples", disable=args.quiet)
+
+            def on_result(i, res):  # written as each batch finishes: an interrupted run loses nothing
+                nonlocal done
+                s = loaded[i][0]
+                res.name = s.name
+                write_result(res, out / s.name)
+                ran.append(s.name)
+                if peer is not None and res.failure is None:
+                    peer.finish(s.name)
+                if res.failure is not None:
+                    d = res.failure.get("diverged", {})
+                    failures[s.name] = (f"diverged at iteration {d.get('iteration')} "
+                                        f"({d.get('what')} became non-finite)")
+                else:
+                    done += 1
+                bar.update(1)
+
+            def on_error(indices, e):  # a failing batch is reported, the run goes on
+                traceback.print_exception(e, file=sys.stderr)
+                for i in indices:
+                    failures[loaded[i][0].name] = f"{type(e).__name__}: {e}"
+                bar.update(len(indices))
+
+            edit_batch(pipe, [r for _, r in loaded], args.method, settings=settings, progress=not args.quiet,
+                       on_result=on_result, on_error=on_error, **drag_overrides(args))
+            bar.close()
+    finally:  # a summary even when the run is interrupted or a batch crashes the process
+        if pipe is not None:
+            stats["compile"] = {"programs": sum(pipe.stages.compiles.values()),
+                                "seconds": round(sum(pipe.stages.compile_s.values()), 1),
+                                "per_stage": dict(pipe.stages.compiles)}
+        summary = {"dataset": str(args.dataset), "method": args.method, "total": len(samples), "done": done,
+                   "failed": failures, **stats, "wall_s": round(time.perf_counter() - t_start, 1)}
+        missing = []
+        if nproc > 1:
+            summary.update(process=pid, ran=ran)
+            if coord is not None:
+                gathered = coord.wait(args.peer_timeout, log=lambda m: print(m, file=sys.stderr))
+                coord.close()
+                summary = cluster.merge(summary, gathered, {p: names[p::nproc] for p in range(nproc)}, n_all,
+                                        on_disk=lambda name: is_done(out / name))
+                missing = summary["missing"]
+                if missing:
+                    print(f"process 0: {len(missing)} sample(s) of lost processes not finished: "
+                          f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; rerun the same command "
+                          f"to complete them", file=sys.stderr)
+            elif not peer.send_summary(summary, give_up_after=args.peer_timeout):
+                alone = out / f"summary.process-{pid}.json"
+                write_json(alone, summary)
+                print(f"process {pid}: process 0 at {where.coordinator} did not take the summary within "
+                      f"{args.peer_timeout:g} s; wrote {alone}", file=sys.stderr)
+                missing = ["(summary not merged)"]
+            summary = summary if pid == 0 else None
+        if summary is not None:
+            write_json(out / "summary.json", summary)
+    print(json.dumps({"done": done, "failed": len(failures), "summary": str(out / "summary.json"),
+                      **({"missing": len(missing)} if missing else {})}))
+    return 0 if not failures and not missing else 1
