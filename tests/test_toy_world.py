@@ -285,3 +285,23 @@ print('ok')
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_tracking_diagnostic_on_constructed_feature_maps():
+    """diagnose.match: a feature map moved by the drag is tracked exactly; a constant map has no
+    contrast; the window search cannot be fooled by a decoy outside it."""
+    from jaxdrag.toy.diagnose import match
+
+    rng = np.random.default_rng(0)
+    F0 = rng.normal(size=(32, 32, 8)).astype(np.float32)
+    F1 = np.roll(F0, (3, -2), axis=(0, 1))  # content moved 3 sup px down, 2 left = (−4, +6) image px
+    pts = [[20, 10], [16, 16]]
+    a, w, c = match(F0, F1, pts)
+    assert a == [0.0] and w == [0.0]
+    assert c[1][0] > 0.5 and c[1][0] == pytest.approx(c[4][0], rel=0.5)  # white noise: contrast at every distance
+    flat = np.ones((32, 32, 8), np.float32)
+    assert match(flat, flat, pts)[2][2] == [0.0]
+    F2 = F1.copy()
+    F2[0, 0] = F0[5, 10]  # an exact decoy far away: found by the whole-map search, not in the window
+    a, w, _ = match(F0, F2, pts)
+    assert a[0] == pytest.approx(np.hypot(8, 8)) and w == [0.0]
