@@ -5,12 +5,10 @@ overrides and ``EditSettings``."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
 
-from ..drag.loop import DragConfig
 from ..drag.methods import CONFIG_KEYS, HYPER_KEYS, METHODS
 from ..errors import SettingsError
 
@@ -45,26 +43,31 @@ def parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
+def _setting_type(s):
+    """The argparse type of a settings-table entry."""
+    return {"int": int, "float": float, "bool": parse_bool}.get(s.kind, str)
+
+
 def add_drag_options(p: argparse.ArgumentParser, method: bool = True) -> None:
-    g = p.add_argument_group("drag settings (default: the method preset)")
+    """One option per drag setting, with the type and help of ``drag.settings.SETTINGS``."""
+    from ..drag.settings import SETTINGS
+
+    g = p.add_argument_group("drag settings (default: the method preset; a setting the method does not "
+                             "read is an error)")
     if method:
-        g.add_argument("--method", default="dragtext", choices=METHODS)
-    fields = {f.name: f for f in dataclasses.fields(DragConfig)}
-    for key in CONFIG_KEYS:
-        typ = {"r_m": int, "r_p": int, "max_iters": int, "max_step": float, "ms_weight": float,
-               "drag_end_step": int, "track_per_step": int, "max_drag_per_track": int,
-               "max_track_no_change": int, "block_steps": int, "end_step": int,
-               "stale_latent_grad": parse_bool, "text_feature_block": int}.get(key, str)
-        flags = [f"--{key.replace('_', '-')}"] + (["--steps"] if key == "max_iters" else [])
-        g.add_argument(*flags, dest=key, type=typ, default=None,
-                       help=f"DragConfig.{key} (default {fields[key].default!r} unless the preset sets it)")
-    for key in HYPER_KEYS:
-        g.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=None, help=f"hyperparameter {key}")
+        g.add_argument("--method", default="dragtext", choices=METHODS,
+                       help="the method (default dragtext); its reference's defaults fill every setting below")
+    for st in SETTINGS:
+        flags = [st.flag] + (["--steps"] if st.name == "max_iters" else [])
+        # choices are checked by the method's resolution (a one-line error), not by argparse
+        help_ = st.help + (f" [{' | '.join(st.choices)}]" if st.choices else "")
+        g.add_argument(*flags, dest=st.name, type=_setting_type(st), default=None, help=help_)
     p.add_argument("--lora-steps", type=int, default=None,
                    help="LoRA steps (default: the method's: 80; GoodDrag 70; FreeDrag, DragNoise 200)")
     p.add_argument("--lora-lr", type=float, default=None,
                    help="LoRA learning rate (default: the method's: 5e-4; FreeDrag, DragNoise 2e-4)")
-    p.add_argument("--lora-batch", type=int, default=4)
+    p.add_argument("--lora-batch", type=int, default=4,
+                   help="images per LoRA training step (DragDiffusion 4: the image repeated, random crops)")
     p.add_argument("--inversion-strength", type=float, default=None,
                    help="DDIM inversion strength (default: the method's: 0.7; GoodDrag 0.75)")
     p.add_argument("--width", type=int, default=None,

@@ -26,7 +26,8 @@ import dataclasses
 from typing import Any
 
 from ..errors import SettingsError, check_number
-from .loop import SPLIT_HOSTS, DragConfig, DragHypers
+from .loop import DragConfig, DragHypers
+from .settings import BY_NAME, check, read_by
 
 _TEXT = dict(optimize_text=True)
 _TEXT_HYP = dict(text_lr=0.004, text_lam=0.1)
@@ -69,25 +70,6 @@ _PIPELINE = {"dragdiffusion": dict(lora_steps=80, lora_lr=5e-4, inversion_streng
              "freedrag": dict(lora_steps=200, lora_lr=2e-4, inversion_strength=0.7),
              "dragnoise": dict(lora_steps=200, lora_lr=2e-4, inversion_strength=0.7)}
 
-# settings each drag algorithm reads (the others are rejected with this list)
-_HOST_KEYS = {
-    "dragdiffusion": ("r_m", "r_p", "max_step", "ms_reference", "ms_weight", "tracking", "max_iters",
-                      "background", "bg_reduction", "latent_lr", "lam"),
-    "dragnoise": ("r_m", "r_p", "max_step", "ms_reference", "ms_weight", "tracking", "max_iters",
-                  "background", "bg_reduction", "end_step", "latent_lr", "lam"),
-    "gooddrag": ("r_m", "r_p", "max_step", "ms_weight", "background", "bg_reduction", "drag_end_step",
-                 "track_per_step", "max_drag_per_track", "max_track_no_change", "latent_lr", "lam",
-                 "drag_loss_threshold"),
-    "freedrag": ("r_m", "max_iters", "block_steps", "background", "bg_reduction", "stale_latent_grad",
-                 "latent_lr", "lam", "l_expected", "d_max"),
-}
-_TEXT_KEYS = ("stale_latent_grad", "text_lr", "text_lam")
-# DragText's feature-block ablation and the iteration-cap snapshots: this module's loop only
-_SPLIT_KEYS = ("snapshots",)
-_SPLIT_TEXT_KEYS = ("text_feature_block",)
-_CLIP_KEYS = ("fusion", "fuse_weight", "clip_coef")
-
-
 METHODS = tuple(_PRESETS)
 # the overridable structure (host, optimize_text and use_clip define the method itself)
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(DragConfig)
@@ -95,10 +77,8 @@ CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(DragConfig)
 HYPER_KEYS = DragHypers._fields
 
 
-# valid ranges of the continuous hyperparameters: learning rates > 0, weights ≥ 0
-_HYPER_RANGES = {"latent_lr": "positive", "text_lr": "positive", "lam": "nonnegative",
-                 "text_lam": "nonnegative", "fuse_weight": "nonnegative", "clip_coef": "nonnegative",
-                 "drag_loss_threshold": "nonnegative", "l_expected": "positive", "d_max": "positive"}
+# valid ranges of the continuous hyperparameters (from the settings table)
+_HYPER_RANGES = {k: BY_NAME[k].range for k in HYPER_KEYS}
 
 
 def _key(method) -> str:
@@ -109,19 +89,9 @@ def _key(method) -> str:
 
 
 def valid_settings(method: str) -> tuple[str, ...]:
-    """The drag settings (config and hyperparameter names) ``method`` reads."""
+    """The drag settings (config and hyperparameter names) ``method`` reads (``settings.read_by``)."""
     cfg = _PRESETS[_key(method)][0]
-    host = cfg.get("host", "dragdiffusion")
-    keys = list(_HOST_KEYS[host])
-    if host in SPLIT_HOSTS:
-        keys += list(_SPLIT_KEYS)
-    if cfg.get("optimize_text"):
-        keys += [k for k in _TEXT_KEYS if k not in keys]
-        if host in SPLIT_HOSTS:
-            keys += list(_SPLIT_TEXT_KEYS)
-    if cfg.get("use_clip"):
-        keys += list(_CLIP_KEYS)
-    return tuple(keys)
+    return read_by(cfg.get("host", "dragdiffusion"), bool(cfg.get("optimize_text")), bool(cfg.get("use_clip")))
 
 
 def pipeline_defaults(method: str) -> dict:
@@ -177,20 +147,10 @@ def resolve(method: str, **overrides: Any) -> tuple[DragConfig, dict[str, float]
         cfg_kw["snapshots"] = caps
         if overrides.get("max_iters") is None:  # the run goes on to the largest cap
             cfg_kw["max_iters"] = max(caps)
-    if cfg_kw.get("text_feature_block") is not None:
-        cfg_kw["text_feature_block"] = check_number("text_feature_block", cfg_kw["text_feature_block"],
-                                                    nonnegative=True, integer=True)
-    for k in ("r_m", "r_p", "end_step"):
-        if k in cfg_kw:
-            cfg_kw[k] = check_number(k, cfg_kw[k], nonnegative=True, integer=True)
-    for k in ("max_iters", "drag_end_step", "track_per_step", "max_drag_per_track", "max_track_no_change",
-              "block_steps"):
-        if k in cfg_kw:
-            cfg_kw[k] = check_number(k, cfg_kw[k], positive=True, integer=True)
     cfg_kw.setdefault("max_step", 1.0)
-    cfg_kw["max_step"] = check_number("max_step", cfg_kw["max_step"], positive=True)
-    if cfg_kw.get("ms_weight") is not None:
-        cfg_kw["ms_weight"] = check_number("ms_weight", cfg_kw["ms_weight"], positive=True)
+    for k, v in cfg_kw.items():  # numbers against the settings table (choices: DragConfig)
+        if k in BY_NAME and BY_NAME[k].kind in ("int", "float") and v is not None:
+            cfg_kw[k] = check(k, v)
     try:
         return DragConfig(**cfg_kw), hyp
     except (ValueError, TypeError) as e:

@@ -6,20 +6,13 @@ together). Pure functions (no Gradio here)."""
 from __future__ import annotations
 
 from ..drag.methods import CONFIG_KEYS, HYPER_KEYS, pipeline_defaults, resolve, valid_settings
+from ..drag.settings import SETTINGS
 from ..errors import SettingsError
 
 # the fields of the settings panel: (key, label); lora_steps / inversion_strength are pipeline
-# settings, the others the drag loop's
-FIELDS = (
-    ("lora_steps", "LoRA steps"),
-    ("inversion_strength", "inversion strength"),
-    ("max_iters", "max iterations"),
-    ("latent_lr", "latent learning rate"),
-    ("lam", "λ (background)"),
-    ("text_lr", "text learning rate (DragText)"),
-    ("text_lam", "λ_t (DragText)"),
-    ("fuse_weight", "fusion weight (CLIPDrag)"),
-)
+# settings, the others the drag settings that have a label in the settings table
+FIELDS = (("lora_steps", "LoRA steps"), ("inversion_strength", "inversion strength")) + tuple(
+    (s.name, s.label) for s in SETTINGS if s.label)
 KEYS = tuple(k for k, _ in FIELDS)
 INTERPOLATION = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # DragText §6's α
 
