@@ -66,3 +66,18 @@ def test_ui_fields_are_the_labelled_settings():
 
     assert [k for k, _ in FIELDS][2:] == [s.name for s in SETTINGS if s.label]
     assert dict(FIELDS)["fuse_weight"] == BY_NAME["fuse_weight"].label
+
+
+def test_dragconfig_checks_with_the_table():
+    from jaxdrag.drag.fusion import RULES
+
+    assert BY_NAME["fusion"].choices == tuple(RULES)
+    with pytest.raises(ValueError, match="tracking must be 'nearest' or 'fast', got 'x'"):
+        DragConfig(tracking="x")
+    with pytest.raises(ValueError, match=r"fusion must be one of \('paper'"):
+        DragConfig(fusion="x")
+    with pytest.raises(ValueError, match="max_iters must be ≥ 1, got 0"):
+        DragConfig(max_iters=0)
+    with pytest.raises(ValueError, match="max_step must be > 0, got 0.0"):
+        DragConfig(max_step=0.0)
+    assert DragConfig(r_m=0, end_step=0).r_m == 0

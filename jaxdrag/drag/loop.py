@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from ..schedule import DDIM, ddim_step, predict_x0
-from .fusion import RULES, fuse
+from .fusion import fuse
 from .losses import (STOP_DISTANCE, background_loss, background_weight, clip_loss, motion_supervision,
                      reference_patches, upsample_features)
 from .text import ADAM as _ADAM
@@ -117,23 +117,25 @@ class DragConfig:
     schedule: DDIM = field(default_factory=DDIM)
 
     def __post_init__(self):
-        if self.ms_reference not in ("current", "initial"):
-            raise ValueError(f"ms_reference must be 'current' or 'initial', got {self.ms_reference!r}")
-        if self.tracking not in ("nearest", "fast"):
-            raise ValueError(f"tracking must be 'nearest' or 'fast', got {self.tracking!r}")
-        if self.fusion not in RULES:
-            raise ValueError(f"fusion must be one of {RULES}, got {self.fusion!r}")
-        for name, allowed in (("host", HOSTS), ("background", ("masked", "always")),
-                              ("bg_reduction", ("sum", "mean"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("r_m", "r_p", "max_iters", "drag_end_step", "track_per_step", "max_drag_per_track",
-                     "max_track_no_change", "block_steps", "end_step"):
-            low = 0 if name in ("r_m", "r_p", "end_step") else 1
-            if int(getattr(self, name)) < low:
-                raise ValueError(f"{name} must be ≥ {low}, got {getattr(self, name)}")
-        if self.max_step <= 0:
-            raise ValueError(f"max_step must be > 0, got {self.max_step}")
+        # choices and ranges from the settings table (settings.py), for configs built directly
+        from .settings import SETTINGS
+
+        if self.host not in HOSTS:
+            raise ValueError(f"host must be one of {HOSTS}, got {self.host!r}")
+        for st in SETTINGS:
+            if st.continuous or not hasattr(self, st.name):
+                continue
+            v = getattr(self, st.name)
+            if st.kind == "choice" and v not in st.choices:
+                allowed = (" or ".join(repr(c) for c in st.choices) if len(st.choices) == 2
+                           else f"one of {st.choices}")
+                raise ValueError(f"{st.name} must be {allowed}, got {v!r}")
+            if st.kind in ("int", "float") and v is not None and st.range:
+                low = 0 if st.range == "nonnegative" else (1 if st.kind == "int" else None)
+                if low is None and not v > 0:
+                    raise ValueError(f"{st.name} must be > 0, got {v}")
+                if low is not None and v < low:
+                    raise ValueError(f"{st.name} must be ≥ {low}, got {v}")
         if self.text_feature_block is not None:
             if not self.optimize_text:
                 raise ValueError("text_feature_block needs a DragText method (the text embedding is not optimised)")
