@@ -469,11 +469,13 @@ class Pipeline:
         return self.sd.unet.lora
 
     def _lora_chunk_fn(self, settings: LoRASettings, n: int, crop: tuple[int, int]):
-        """jit: n LoRA steps for a batch of edits (vmapped), returning (lora, opt, key, losses)."""
+        """jit: n LoRA steps for a batch of edits (vmapped), returning (lora, opt, key, losses).
+        The learning rate and weight decay are traced per edit ((B,) arrays), so LoRAs with other
+        rates share the program; the batch, remat policy, n and crop are compiled in."""
         adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
         sched = self.schedule
 
-        def one_step(params, lora, opt, key, mean, std, ctx):
+        def one_step(params, lora, opt, key, mean, std, ctx, lr, wd):
             k_crop, k_lat, k_t, k_noise = jax.random.split(key, 4)
             bs = settings.batch
             hh, ww = mean.shape[:2]
@@ -495,15 +497,15 @@ class Pipeline:
 
             loss, g = jax.value_and_grad(loss_fn)(lora)
             upd, opt = adam.update(g, opt)
-            lora = jax.tree.map(lambda p, u: p - settings.lr * (u + settings.weight_decay * p), lora, upd)
+            lora = jax.tree.map(lambda p, u: p - lr * (u + wd * p), lora, upd)
             return lora, opt, loss
 
-        def chunk(params, loras, opts, keys, means, stds, ctxs):
+        def chunk(params, loras, opts, keys, means, stds, ctxs, lrs, wds):
             def body(carry, _):
                 lo, op, ke = carry
                 ke, sub = jax.vmap(lambda k: tuple(jax.random.split(k)))(ke)
-                lo, op, loss = jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, 0, 0))(
-                    params, lo, op, sub, means, stds, ctxs)
+                lo, op, loss = jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0))(
+                    params, lo, op, sub, means, stds, ctxs, lrs, wds)
                 return (lo, op, ke), loss
 
             (loras, opts, keys), losses = jax.lax.scan(body, (loras, opts, keys), None, length=n)
@@ -534,13 +536,15 @@ class Pipeline:
         opts = jax.vmap(adam.init)(loras)
         losses = []
         done = 0
+        lrs = jnp.full((b,), settings.lr, jnp.float32)
+        wds = jnp.full((b,), settings.weight_decay, jnp.float32)
         while done < settings.steps:
             n = min(settings.chunk, settings.steps - done)
-            key = ("lora", settings, n, crop)
+            key = ("lora", settings.batch, settings.remat, n, crop)  # lr and weight decay are traced
             if key not in self._jit:
                 self._jit[key] = self._lora_chunk_fn(settings, n, crop)
             loras, opts, k_steps, l = self.stages("lora", self._jit[key], self.sd.unet.params, loras, opts,
-                                                  k_steps, mean, std, ctx)
+                                                  k_steps, mean, std, ctx, lrs, wds)
             losses.append(l)
             done += n
             if on_chunk is not None:

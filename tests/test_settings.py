@@ -81,3 +81,26 @@ def test_dragconfig_checks_with_the_table():
     with pytest.raises(ValueError, match="max_step must be > 0, got 0.0"):
         DragConfig(max_step=0.0)
     assert DragConfig(r_m=0, end_step=0).r_m == 0
+
+
+def test_lora_learning_rate_and_weight_decay_are_traced(tiny_pipe):
+    """LoRAs with other learning rates or weight decays run the same compiled program, and the
+    rate is honoured (other rates, other LoRAs)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxdrag.pipeline import LoRASettings
+
+    imgs = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)), jnp.float32)
+    ctx = tiny_pipe.encode_prompt(["a", "b"])
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    out = {}
+    for lr, wd in ((1e-3, 1e-2), (2e-3, 0.0)):
+        before = {k for k in tiny_pipe._jit if k[0] == "lora"}
+        lora, losses = tiny_pipe.train_lora(imgs, ctx, keys, LoRASettings(steps=2, lr=lr, weight_decay=wd, chunk=2))
+        out[lr] = [np.asarray(x) for x in jax.tree.leaves(lora)]
+        if lr != 1e-3:
+            assert {k for k in tiny_pipe._jit if k[0] == "lora"} == before  # no new program
+    diff = lambda a, b: max(float(np.abs(x - y).max()) for x, y in zip(out[a], out[b]))
+    assert diff(1e-3, 2e-3) > 1e-6
