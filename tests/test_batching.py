@@ -53,7 +53,7 @@ def test_partial_batches_and_handle_counts_share_one_program(tiny_pipe):
 
 
 def test_a_failing_batch_is_reported_and_the_rest_run(tiny_pipe, monkeypatch):
-    import jaxdrag.pipeline as pl
+    import jaxdrag.pipeline.edit as pl  # the orchestration room
 
     real = pl._run_group
     calls = []

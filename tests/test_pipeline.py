@@ -193,9 +193,9 @@ def test_stage_cache_keys_on_the_function():
     import jax
     import jax.numpy as jnp
 
-    from jaxdrag.pipeline import _Stages
+    from jaxdrag.pipeline import Stages
 
-    st = _Stages()
+    st = Stages()
     f2, f3 = jax.jit(lambda x: x * 2), jax.jit(lambda x: x * 3)
     x = jnp.ones(3)
     assert float(st("s", f2, x)[0]) == 2 and float(st("s", f3, x)[0]) == 3

@@ -1,0 +1,516 @@
+"""Edit orchestration (ALGORITHMS.md §1): requests grouped by working shape into vmapped
+batches, LoRA → inversion → drag loop → denoise → decode per batch, and the results assembled
+(``edit_batch``, ``edit``, ``EditSettings``, ``plan_batch``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from ..drag import DragConfig, DragHypers
+from ..drag.loop import reached as drag_reached
+from ..drag.loop import update_budget
+from ..drag.losses import STOP_DISTANCE
+from ..models.lora import zeros_lora
+
+from .networks import LoRASettings, Pipeline, check_remat
+from .stages import Bar
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """Pipeline-level settings of an edit (the drag loop's are the method preset + overrides).
+
+    width: working width (None: the model's native width, 512 for SD-1.5 — the reference UI's
+    resize; 0: keep the input size). inversion_strength: None = the method's (0.7 → 35 DDIM
+    steps, t* = 681; GoodDrag 0.75 → t* = 741). ``lora`` fields left None are the method's too.
+    reference_attention: mutual self-attention in the final denoise (MasaCtrl, on by default;
+    DragNoise never uses it).
+    clip_double_unit_map: reproduce CLIPDrag's double [0, 1] mapping of the CLIP input (QUIRK).
+    remat: the drag step's rematerialisation policy ("off" | "blocks" | "dots"; LoRA training
+    has its own, ``lora.remat``). batch_size: edits per vmapped batch, or "auto": the largest
+    batch whose every stage fits ``memory_fraction`` of a device's memory (``plan_batch``).
+    interpolation: DragText §6's α values (e.g. (0, 0.25, 0.5, 0.75, 1, 1.25, 1.5)): each result
+    also holds the images of (z*, c) → (ẑ, ĉ) interpolated linearly (``EditResult.interpolation``),
+    denoised like the edit in batches of its size.
+    """
+
+    method: str = "dragtext"
+    width: int | None = None
+    inversion_strength: float | None = None
+    lora: LoRASettings = LoRASettings()
+    reference_attention: bool = True
+    clip_double_unit_map: bool = False
+    batch_size: int | str = 8
+    remat: str = "off"
+    memory_fraction: float = 0.85  # of each device's memory that ``batch_size="auto"`` plans to use
+    interpolation: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        from ..errors import SettingsError, check_number
+
+        if isinstance(self.interpolation, (str, bytes)) or not hasattr(self.interpolation, "__iter__"):
+            raise SettingsError(f"setting interpolation = {self.interpolation!r}: must be a list of α values")
+        object.__setattr__(self, "interpolation", tuple(check_number("interpolation", a) for a in self.interpolation))
+
+        object.__setattr__(self, "remat", check_remat("remat", self.remat))
+
+        if self.inversion_strength is not None:
+            s = check_number("inversion_strength", self.inversion_strength, low=0.0, high=1.0, low_open=True)
+            if round(s * 50) < 1:
+                raise SettingsError(f"setting inversion_strength = {s!r}: must give at least one of the 50 "
+                                    f"DDIM steps (≥ 0.01)")
+            object.__setattr__(self, "inversion_strength", s)
+        if self.width is not None:
+            w = check_number("width", self.width, nonnegative=True, integer=True)
+            if 0 < w < 16:
+                raise SettingsError(f"setting width = {w}: must be 0 (keep the input size) or ≥ 16")
+            object.__setattr__(self, "width", w)
+        object.__setattr__(self, "memory_fraction", check_number("memory_fraction", self.memory_fraction,
+                                                                 low=0.0, high=1.0, low_open=True))
+        if self.batch_size != "auto":
+            object.__setattr__(self, "batch_size", check_number("batch_size", self.batch_size, positive=True,
+                                                                integer=True))
+
+    def for_method(self, method: str) -> "EditSettings":
+        """These settings with every field left None filled from ``method``'s defaults."""
+        from ..drag.methods import pipeline_defaults
+
+        d = pipeline_defaults(method)
+        lora = replace(self.lora, steps=d["lora_steps"] if self.lora.steps is None else self.lora.steps,
+                       lr=d["lora_lr"] if self.lora.lr is None else self.lora.lr)
+        inv = d["inversion_strength"] if self.inversion_strength is None else self.inversion_strength
+        return replace(self, method=method, lora=lora, inversion_strength=inv)
+
+
+def _pad_points(arrs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros((len(arrs), n, 2), np.float32)
+    mask = np.zeros((len(arrs), n), bool)
+    for i, a in enumerate(arrs):
+        out[i, :len(a)] = a
+        mask[i, :len(a)] = True
+    return out, mask
+
+
+def _lora_key(p, lora: LoRASettings) -> tuple:
+    """What determines an edit's LoRA: its training image, prompt, seed and the LoRA settings."""
+    import hashlib
+
+    digest = hashlib.sha1(np.ascontiguousarray(p.lora_image).tobytes()).hexdigest()
+    return (digest, p.lora_image.shape, p.request.prompt, int(p.request.seed), lora)
+
+
+def pow2_bucket(n: int) -> int:
+    """The smallest power of two ≥ n (n ≥ 1): batch and handle-slot buckets."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _dummy(p):
+    """A padding edit: the image of ``p`` with no handles (done before its first update)."""
+    none = np.zeros((0, 2), np.float32)
+    return replace(p, handles=none, targets=none)
+
+
+def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list, c0, b: int, n_real: int,
+                progress, timed, timings: dict):
+    """The batch's per-edit LoRAs (B, …) and training losses (steps, B): from the cache when
+    every edit's LoRA is there, else trained (and cached)."""
+    bar = Bar(progress, "lora", settings.lora.steps, f"LoRA ×{b}")
+    keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
+    lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
+    cache_keys = [_lora_key(p, settings.lora) for p in group[:n_real]]
+    cache_keys += cache_keys[:1] * (b - n_real)  # a dummy is a copy of the first edit
+    cache = pipe.lora_cache if pipe.stages.measured is None else None  # plan_batch measures LoRA too
+    if cache is not None and all(k in cache for k in cache_keys):
+        loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])
+        lora_losses = jnp.stack([cache[k][1] for k in cache_keys], axis=1)
+        timings["lora"] = 0.0
+        bar.set(settings.lora.steps)
+    else:
+        loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora, bar.update)
+        if cache is not None:
+            for i, k in enumerate(cache_keys[:n_real]):
+                cache[k] = (jax.tree.map(lambda x: x[i], loras), lora_losses[:, i])
+    bar.close()
+    return loras, lora_losses
+
+
+def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig,
+               hypers: list[dict], progress, batch: int | None = None,
+               n_pairs: int | None = None) -> list:
+    """Run one batch of prepared edits of a common working shape through every stage.
+
+    Shapes are fixed so one program per stage serves a whole shape group: the batch is padded
+    to ``batch`` with handle-less copies of the first edit (they finish before their first
+    update; their results are dropped) and the handle slots to ``n_pairs`` (masked)."""
+    from .. import data as io
+
+    n_real = len(group)
+    batch = max(batch or n_real, n_real)
+    group = list(group) + [_dummy(group[0])] * (batch - n_real)
+    hypers = list(hypers) + [hypers[0]] * (batch - n_real)
+    b = batch
+    timings: dict[str, float] = {}
+    pipe.stages.last_compile_s = {}
+
+    def timed(name, fn, *a, **k):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*a, **k))
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    reqs = [p.request for p in group]
+    sup_hw = group[0].sup_hw
+    cfg = replace(cfg, sup_hw=sup_hw)
+
+    ids = pipe.tokenizer.ids([r.prompt for r in reqs])
+    c0 = timed("text", pipe.encode_text_ids, ids)
+    token_mask = (np.arange(ids.shape[1])[None] < pipe.tokenizer.prompt_lengths([r.prompt for r in reqs])[:, None])
+    if cfg.use_clip:
+        et = timed("clip_text", pipe.clip_text_embeds, [r.edit_prompt or r.prompt for r in reqs])
+    else:
+        et = jnp.zeros((b, 1), jnp.float32)
+    generated = group[0].z_start is not None
+    guide = None
+    if generated:  # DragDiffusion's generated-image mode: no LoRA, no inversion (§2.4)
+        loras = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape), zeros_lora(pipe.sd.unet.lora))
+        lora_losses = np.zeros((0, b), np.float32)
+        zt = jnp.asarray(np.stack([p.z_start for p in group]))
+        gen = reqs[0].generation
+        if gen.guidance_scale != 1:
+            if cfg.host == "dragnoise":
+                from ..errors import SettingsError
+                raise SettingsError("drags on generated images with guidance_scale ≠ 1 are not available for "
+                                    "DragNoise (its bottleneck is one UNet row); use guidance_scale 1")
+            uncond = timed("text", pipe.encode_text_ids, pipe.tokenizer.ids([gen.negative_prompt]))[0]
+            guide = {"uncond": uncond, "scale": jnp.float32(gen.guidance_scale)}
+    else:
+        z0 = timed("encode", pipe.encode_images, jnp.asarray(np.stack([p.image for p in group])))
+        loras, lora_losses = _edit_loras(pipe, group, settings, reqs, c0, b, n_real, progress, timed, timings)
+        zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
+
+    n = max([len(p.handles) for p in group] + [n_pairs or 1])
+    h0, mask = _pad_points([p.handles for p in group], n)
+    tg, _ = _pad_points([p.targets for p in group], n)
+    # no mask drawn: keep is all zeros (no background term); GoodDrag and DragNoise
+    # (background "always") keep the whole image instead
+    keep = np.stack([np.ones_like(p.keep) if cfg.background == "always" and not p.masked else p.keep
+                     for p in group])
+    t_star = int(pipe.schedule.timesteps[pipe.schedule.start_index(settings.inversion_strength)])
+    hyp = DragHypers(*(jnp.asarray([hp[k] for hp in hypers], jnp.float32) for k in DragHypers._fields))
+
+    cb = None
+    if progress:
+        dbar = Bar(progress, "drag", update_budget(cfg), f"drag ×{b}")
+
+        def cb(it, done):
+            dbar.set(int(np.max(np.asarray(it))))
+
+    prep, loop = pipe.drag_runner(cfg, settings.clip_double_unit_map, progress=cb is not None,
+                                  remat=settings.remat, guided=guide is not None)
+    shared = pipe.shared_params(cfg.use_clip, guide)
+    args = (shared, loras, zt, c0, jnp.asarray(h0), jnp.asarray(tg), jnp.asarray(mask),
+            jnp.asarray(keep), jnp.asarray(token_mask, jnp.float32), et,
+            jnp.full((b,), t_star, jnp.int32), hyp)
+    inputs, state = timed("drag_prepare", pipe.stages, "drag_prepare", prep, *args)
+    pipe.progress_relay.target = cb
+    try:
+        state = timed("drag", pipe.stages, "drag", loop, shared, loras, inputs, state)
+    finally:
+        pipe.progress_relay.target = None
+    if cb is not None:
+        dbar.close()
+    denoising = Bar(progress, "denoise", 1 + len(settings.interpolation) + len(cfg.snapshots), f"denoise ×{b}")
+    plan = _denoise_plan(pipe, cfg, settings, zt, c0, inputs, state)
+    if guide is not None:
+        plan.update(uncond=jnp.broadcast_to(guide["uncond"], c0.shape), scale=jnp.full((b,), guide["scale"]))
+    z_edit = timed("denoise", pipe.denoise, loras, **plan)
+    work_hw = group[0].image.shape[:2]
+    out = np.asarray(timed("decode", pipe.decode_to_uint8, z_edit, work_hw))
+    denoising.update(1)
+    extras = {}
+    for kind, value, variant in _extra_denoise_plans(pipe, cfg, settings, plan, shared, loras, zt, c0, t_star,
+                                                     state):
+        z_x = timed("denoise_extra", pipe.denoise, loras, **variant)
+        extras[(kind, value)] = np.asarray(timed("decode_extra", pipe.decode_to_uint8, z_x, work_hw)), \
+            np.isfinite(np.asarray(z_x)).reshape(b, -1).all(axis=1)
+        denoising.update(1)
+    denoising.close()
+    compile_s = dict(pipe.stages.last_compile_s)
+
+    st = jax.tree.map(np.asarray, state)
+    reached = np.asarray(drag_reached(cfg, state))
+    results = []
+    for i, p in enumerate(group[:n_real]):
+        img = out[i]
+        finite = bool(np.isfinite(np.asarray(z_edit[i])).all())
+        if img.shape[:2] != p.in_hw and finite:
+            img = np.asarray(Image.fromarray(img).resize((p.in_hw[1], p.in_hw[0]), Image.BILINEAR))
+        k = len(p.handles)
+        n_traj = int(st.it[i]) + int(st.done[i])
+        config = {
+            "method": settings.method, "drag": _cfg_dict(cfg), "hypers": hypers[i],
+            "lora": {f: getattr(settings.lora, f) for f in settings.lora.__dataclass_fields__},
+            "inversion_strength": settings.inversion_strength, "t_star": t_star,
+            "reference_attention": settings.reference_attention and cfg.host != "dragnoise",
+            "remat": settings.remat,
+            "clip_double_unit_map": settings.clip_double_unit_map,
+            "working_size": list(work_hw), "supervision_size": list(sup_hw), "input_size": list(p.in_hw),
+            "prompt": p.request.prompt, "edit_prompt": p.request.edit_prompt or p.request.prompt,
+            "seed": p.request.seed, "model": str(pipe.sd.source),
+            "dtype": jnp.dtype(pipe.policy.compute).name, "batch_size": b, "batch_edits": n_real,
+            "lora_final_loss": float(np.asarray(lora_losses)[-1, i]) if len(lora_losses) else None,
+        }
+        if p.request.source is not None:
+            config["input"] = p.request.source  # e.g. the EXIF orientation applied on reading
+        if generated:
+            config["generation"] = dataclasses.asdict(p.request.generation)
+            config["lora"] = None  # no LoRA on a generated image (as the reference UI)
+        if settings.interpolation:
+            config["interpolation"] = list(settings.interpolation)
+
+        def final_image(kind, value):
+            im, ok = extras[(kind, value)]
+            im = im[i]
+            if not ok[i]:
+                return None
+            if im.shape[:2] != p.in_hw:
+                im = np.asarray(Image.fromarray(im).resize((p.in_hw[1], p.in_hw[0]), Image.BILINEAR))
+            return im
+        interp = [(float(a), final_image("alpha", a)) for a in settings.interpolation]
+        interp = [] if any(im is None for _, im in interp) else interp
+        snaps = [{"max_iters": cap, "iterations": int(st.snap_it[i, s]),
+                  "reached": bool(np.all(np.linalg.norm(p.targets - st.snap_handles[i, s, :k], axis=-1) < STOP_DISTANCE)),
+                  "handles": p.to_pixels(st.snap_handles[i, s, :k]), "image": final_image("iters", cap)}
+                 for s, cap in enumerate(cfg.snapshots)]
+        failure = None
+        if bool(st.failed[i]):
+            from ..drag import FAILURES
+
+            failure = {"diverged": {"iteration": int(st.fail_it[i]), "what": FAILURES[int(st.fail_what[i])]}}
+            img = None
+        elif not finite:
+            failure = {"diverged": {"iteration": int(st.it[i]), "what": "denoise"}}
+            img = None
+        results.append(io.EditResult(
+            name=p.request.name, image=img, failure=failure,
+            handles=p.to_pixels(st.handles[i, :k]), targets=p.to_pixels(p.targets),
+            initial_handles=p.to_pixels(p.handles), trajectory=p.to_pixels(st.traj[i, :max(n_traj, 1), :k]),
+            iterations=int(st.it[i]), reached=bool(reached[i]),
+            losses=[float(v) for v in st.losses[i, :int(st.it[i])]],
+            timings={**timings, **{f"compile_{k_}": v for k_, v in compile_s.items()}},
+            config=config, interpolation=interp if failure is None else [],
+            snapshots=snaps if failure is None else []))
+    return results
+
+
+def _denoise_plan(pipe: Pipeline, cfg: DragConfig, settings: EditSettings, zt, c0, inputs, state) -> dict:
+    """The keyword arguments of ``pipe.denoise`` (all but the LoRAs) for the denoising after the
+    drag, per host: the pair [z*, ẑ] on [c, ĉ] with mutual self-attention (DragDiffusion,
+    CLIPDrag, FreeDrag); GoodDrag from where its drag phase stopped, the source branch from the
+    original trajectory there; DragNoise from [z*, z*] with the optimised bottleneck in both rows
+    for the first K − end_step steps, without mutual self-attention (§7)."""
+    strength = settings.inversion_strength
+    if cfg.host == "gooddrag":
+        _, pre = inputs
+        z_src = jnp.take_along_axis(pre.zs, state.j[:, None, None, None, None], axis=1)[:, 0]
+        return dict(z_src=z_src, z_edit=state.z, c_src=c0, c_edit=state.c_out, strength=strength,
+                    reference=settings.reference_attention, start=state.j)
+    if cfg.host == "dragnoise":
+        k = round(strength * pipe.schedule.num_inference_steps)
+        return dict(z_src=zt, z_edit=zt, c_src=c0, c_edit=state.c, strength=strength, reference=False,
+                    mid=state.z, mid_steps=max(0, k - cfg.end_step))
+    return dict(z_src=zt, z_edit=state.z, c_src=c0, c_edit=state.c, strength=strength,
+                reference=settings.reference_attention)
+
+
+def _lerp(a, b, alpha: float):
+    """(1 − α)·a + α·b: exactly a at α = 0 and b at α = 1."""
+    return (1.0 - alpha) * a + alpha * b
+
+
+def _extra_denoise_plans(pipe: Pipeline, cfg: DragConfig, settings: EditSettings, plan: dict, shared, loras, zt,
+                         c0, t_star: int, state):
+    """(kind, value, denoise kwargs) of the extra images of the batch, each denoised like the
+    edit (the same program: same batch, same static settings):
+
+    ("alpha", α) — DragText §6: the optimised variable and the text embedding both interpolated
+    linearly between their values before the drag (z* or GoodDrag's source latent at its stop
+    step, DragNoise's bottleneck at (z*, c); c) and after it (ẑ, ĉ); α = 0 is the reconstruction
+    (what a drag that moves nothing gives), α = 1 the edit, α > 1 extrapolates.
+    ("iters", cap) — the snapshot of (z, ĉ) at an iteration cap (``cfg.snapshots``)."""
+    if settings.interpolation:
+        var, start = ("mid", None) if cfg.host == "dragnoise" else ("z_edit", plan["z_src"])
+        if cfg.host == "dragnoise":  # the bottleneck before the drag: the mid-block output at (z*, c)
+            nets = pipe.drag_networks(settings.clip_double_unit_map, settings.remat)
+            fn = pipe._j("bottleneck", jax.vmap(nets.bottleneck, in_axes=(None, 0, 0, 0, None)))
+            start = fn(shared, loras, zt, c0, jnp.int32(t_star))
+        for a in settings.interpolation:
+            yield "alpha", a, {**plan, var: _lerp(start, plan[var], a), "c_edit": _lerp(plan["c_src"], plan["c_edit"], a)}
+    var = "mid" if cfg.host == "dragnoise" else "z_edit"
+    for s, cap in enumerate(cfg.snapshots):
+        yield "iters", cap, {**plan, var: state.snap_z[:, s], "c_edit": state.snap_c[:, s]}
+
+
+def _cfg_dict(cfg: DragConfig) -> dict:
+    return {f: (getattr(cfg, f) if f != "schedule" else vars(cfg.schedule))
+            for f in cfg.__dataclass_fields__ if f != "schedule"} | {
+        "num_inference_steps": cfg.schedule.num_inference_steps}
+
+
+def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hypers: dict,
+               n_pairs: int) -> tuple[int, dict]:
+    """The largest batch of edits shaped like ``p`` that fits every stage in memory.
+
+    Every stage is compiled at batch 1 (per device) and XLA's ``memory_analysis`` of it split
+    into the shared weights and the per-edit rest (arguments, outputs, temporaries); then
+    batch = ⌊(fraction · device memory − weights) / per-edit⌋ for the most demanding stage,
+    assuming the per-edit part grows linearly with the batch (vmapped stages). Returns (batch
+    per device ≥ 1, {stage: {"shared", "edit"} bytes})."""
+    settings = settings.for_method(settings.method)  # fields left None: the method's defaults
+    st = pipe.stages
+    st.measured = {}
+    mesh, st.mesh = st.mesh, None  # measure one device's program
+    try:
+        _run_group(pipe, [p], replace(settings, batch_size=1), cfg, [hypers], False, batch=1, n_pairs=n_pairs)
+        measured = dict(st.measured)
+    finally:
+        st.measured, st.mesh = None, mesh
+    budget = settings.memory_fraction * pipe.device_memory()
+    weights = pipe.weight_bytes()  # resident once, whatever the batch
+    per_edit = max(max(m["edit"] for m in measured.values()), 1)
+    return max(1, int((budget - weights) // per_edit)), measured
+
+
+def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
+               settings: EditSettings | None = None, progress: bool | Callable[[str, int, int], None] = False,
+               on_result: Callable[[int, Any], None] | None = None,
+               on_error: Callable[[list[int], Exception], None] | None = None, **overrides) -> list:
+    """Run many edits: requests are grouped by working shape and each group runs as vmapped
+    batches of one fixed size, b = min(``settings.batch_size``, the group's size rounded up to
+    a power of two), the last one padded with dummy edits, and the handle slots padded to the
+    group's largest count rounded up to a power of two — so each stage compiles at most once per
+    working shape. Between groups, compiled programs are released once more than
+    ``pipe.max_live_programs`` are held (a run of any length keeps bounded memory).
+
+    ``progress``: True shows tqdm bars; a callable gets ``(stage, done, total)`` for the stages
+    "lora", "drag" (latent updates) and "denoise" of each batch (a UI's progress bar).
+
+    Returns ``EditResult``s in request order. ``on_result(i, result)`` is called as each batch
+    finishes (write results as they come); with ``on_error(indices, exception)`` a batch that
+    raises is reported there and the others still run (its results stay None). ``overrides``:
+    drag settings (``methods.resolve`` names, e.g. ``max_iters=40``, ``latent_lr=0.02``); a
+    request's own ``hypers`` override the continuous ones for that edit. Raises RequestError
+    naming the first bad request."""
+    from .. import data as io
+    from ..drag.methods import HYPER_KEYS, check_hypers, resolve, valid_settings
+    from ..errors import SettingsError
+
+    cfg, hyp = resolve(method, **overrides)
+    settings = (settings or EditSettings()).for_method(method)
+    if cfg.use_clip:
+        pipe._need_clip()
+    native = pipe.native_width
+    width = native if settings.width is None else (settings.width or None)
+    for i, r in enumerate(requests):  # every request's type and hyperparameters before any work
+        if not isinstance(r, io.EditRequest):
+            raise io.RequestError(f"request {i}: expected an EditRequest, got {type(r).__name__}")
+        if not isinstance(r.hypers, dict):
+            raise io.RequestError(f"{r.name}: hypers must be a dict of hyperparameters, got {type(r.hypers).__name__}")
+        usable = [k for k in valid_settings(method) if k in HYPER_KEYS]
+        bad = [k for k in r.hypers if k not in usable]
+        if bad:
+            raise io.RequestError(f"{r.name}: hyperparameter(s) {bad} not used by method {method!r}; "
+                                  f"valid: {', '.join(usable)}")
+        try:
+            check_hypers(r.hypers)
+        except SettingsError as e:
+            raise io.RequestError(f"{r.name}: {e}") from None
+    requests, latents = _generate_images(pipe, requests, settings)
+    prepared = []
+    for r, z_start in zip(requests, latents):
+        if z_start is None:
+            prepared.append(io.prepare(r, width, native))
+        else:  # the generation's own size and latent at t*
+            prepared.append(replace(io.prepare(r, None, native), z_start=z_start))
+    groups: dict = {}
+    for i, p in enumerate(prepared):
+        g = p.request.generation
+        gen_key = None if g is None else (g.guidance_scale, g.negative_prompt)
+        groups.setdefault((io.bucket_key(p), gen_key), []).append(i)
+    results: list = [None] * len(prepared)
+    for key in sorted(groups, key=lambda k: (k[0], repr(k[1]))):
+        idx = groups[key]
+        n_pairs = pow2_bucket(max(len(prepared[i].handles) for i in idx))
+        limit = settings.batch_size
+        if limit == "auto":
+            per_device, _ = plan_batch(pipe, prepared[idx[0]], settings, cfg, hyp, n_pairs)
+            limit = per_device * pipe.n_devices
+        b = min(limit, pow2_bucket(len(idx)))
+        b = -(-b // pipe.n_devices) * pipe.n_devices  # an equal share for every device
+        for s in range(0, len(idx), b):
+            chunk = idx[s:s + b]
+            hps = [{**hyp, **{k: float(v) for k, v in prepared[i].request.hypers.items()}} for i in chunk]
+            try:
+                outs = _run_group(pipe, [prepared[i] for i in chunk], settings, cfg, hps, progress,
+                                  batch=b, n_pairs=n_pairs)
+            except Exception as e:  # noqa: BLE001 - reported per batch when the caller asks
+                if on_error is None:
+                    raise
+                on_error(chunk, e)
+                continue
+            for i, o in zip(chunk, outs):
+                results[i] = o
+                if on_result is not None:
+                    on_result(i, o)
+        if pipe.stages.live > pipe.max_live_programs:
+            pipe.release_compiled()
+    return results
+
+
+def _generate_images(pipe: Pipeline, requests: Sequence, settings: EditSettings) -> tuple[list, list]:
+    """Fill in the image of every request with a ``generation`` (its spec checked first): one
+    batched DDIM sampling per (size, guidance, negative prompt). Returns (requests, the latent at
+    t* of each generated request, None for the others)."""
+    from .. import data as io
+
+    out, latents, todo = list(requests), [None] * len(requests), {}
+    for i, r in enumerate(requests):
+        if r.generation is None:
+            continue
+        name = r.name if isinstance(r.name, str) else repr(r.name)
+        if not isinstance(r.generation, io.Generation):
+            raise io.RequestError(f"{name}: generation must be a jaxdrag.Generation, got {type(r.generation).__name__}")
+        g = r.generation.check(name)
+        if not isinstance(r.prompt, str) or not r.prompt.strip():
+            raise io.RequestError(f"{name}: a generated image needs its prompt")
+        todo.setdefault((g.size(pipe.native_width), g.guidance_scale, g.negative_prompt), []).append(i)
+    k = pipe.schedule.start_index(settings.inversion_strength)  # the steps taken before t*
+    for (hw, scale, negative), idx in todo.items():
+        images, _, z_k = pipe.generate([requests[i].prompt for i in idx], seed=[requests[i].generation.seed for i in idx],
+                                       guidance_scale=scale, negative_prompt=negative, hw=hw, stop_at=k)
+        for j, i in enumerate(idx):
+            out[i] = replace(requests[i], image=np.asarray(images[j]))
+            latents[i] = np.asarray(z_k[j])
+    return out, latents
+
+
+def edit(pipe: Pipeline, image, points, prompt: str = "", mask=None, method: str = "dragtext", *,
+         edit_prompt: str | None = None, seed: int = 0, settings: EditSettings | None = None,
+         progress: bool = False, generation=None, **overrides):
+    """Edit one image: ``points`` = [(x, y), …] pixels alternating handle, target (DragBench's
+    convention); ``mask`` (H, W) nonzero = editable. Returns an ``EditResult`` with the edited
+    image (H, W, 3) uint8, final handles, trajectory, iteration count and timings.
+    ``generation`` (a ``Generation``; ``image`` None): drag on the image generated from ``prompt``."""
+    from ..data import EditRequest
+
+    req = EditRequest(image=None if image is None else np.asarray(image), points=points, prompt=prompt, mask=mask,
+                      edit_prompt=edit_prompt, seed=seed, generation=generation)
+    return edit_batch(pipe, [req], method, settings=settings, progress=progress, **overrides)[0]

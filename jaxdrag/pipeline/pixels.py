@@ -1,0 +1,72 @@
+"""Pixel-space helpers of the pipeline: CLIP preprocessing (adaptive average pooling to the CLIP
+input, normalisation), bilinear resizing, uint8 conversion, pytree sizes."""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+
+Array = jax.Array
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# small pure helpers
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array leaf of a pytree (arrays or shape/dtype structs)."""
+    return int(sum(np.prod(np.shape(x)) * jnp.result_type(x).itemsize for x in jax.tree.leaves(tree)))
+
+
+def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) averaging matrix of PyTorch's ``AdaptiveAvgPool`` along one axis:
+    row i averages inputs [⌊i·n_in/n_out⌋, ⌈(i+1)·n_in/n_out⌉)."""
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        a = (i * n_in) // n_out
+        b = -((-(i + 1) * n_in) // n_out)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
+def adaptive_avg_pool(images: Array, size: int) -> Array:
+    """(B, H, W, C) → (B, size, size, C), exactly ``nn.AdaptiveAvgPool2d(size)``."""
+    ph = jnp.asarray(pool_matrix(images.shape[1], size))
+    pw = jnp.asarray(pool_matrix(images.shape[2], size))
+    return jnp.einsum("oh,bhwc,pw->bopc", ph, images.astype(jnp.float32), pw,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def clip_pixels(images: Array, size: int, double_unit_map: bool = False) -> Array:
+    """CLIPDrag's differentiable CLIP preprocessing: [-1, 1] images (B, H, W, 3) →
+    clamp((x+1)/2, 0, 1) → AdaptiveAvgPool to (size, size) → CLIP normalisation.
+    ``double_unit_map`` reproduces the reference's second (x+1)/2 mapping of the already-[0, 1]
+    image (QUIRK, ALGORITHMS.md §4.4)."""
+    x = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+    x = adaptive_avg_pool(x, size)
+    if double_unit_map:
+        x = (x + 1.0) / 2.0
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+def bilinear_resize(images: Array, hw: tuple[int, int]) -> Array:
+    """(B, H, W, C) → (B, h, w, C), PyTorch ``F.interpolate(mode="bilinear",
+    align_corners=False)`` without antialiasing (used on the decoded image)."""
+    b, _, _, c = images.shape
+    if images.shape[1:3] == tuple(hw):
+        return images
+    return jax.image.resize(images, (b, hw[0], hw[1], c), method="linear", antialias=False)
+
+
+def to_uint8(images: Array) -> Array:
+    """[-1, 1] → uint8 as the reference: clamp((x+1)/2, 0, 1)·255, truncated (not rounded)."""
+    return (jnp.clip((images + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
