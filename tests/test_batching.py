@@ -53,7 +53,7 @@ def test_partial_batches_and_handle_counts_share_one_program(tiny_pipe):
 
 
 def test_a_failing_batch_is_reported_and_the_rest_run(tiny_pipe, monkeypatch):
-    import jaxdrag.pipeline.edit as pl  # the orchestration room
+    import jaxdrag.pipeline.editing as pl  # the orchestration room (not `edit`: that name is the function)
 
     real = pl._run_group
     calls = []

@@ -22,7 +22,7 @@ def cmd_run(args) -> int:
     from ..drag.methods import resolve
     from ..pipeline import edit_batch
 
-    from . import cluster
+    from .. import cluster
 
     t_start = time.perf_counter()
     where = (cluster.place(args.coordinator, args.num_processes, args.process_id) if args.distributed
