@@ -62,7 +62,7 @@ class Stage:
 # defaults of world v2, sized for one ≈ 2 h session of a 2-core CPU when the stages start from
 # the v1 weights (``--init-from``; measured step times in weights/toy-sd15/README.md)
 VAE_STAGE = Stage(steps=800, batch=16, lr=5e-4, warmup=50, seed=11)
-UNET_STAGE = Stage(steps=8000, batch=32, lr=6e-4, warmup=200, seed=12, ema=0.999, min_snr=5.0)
+UNET_STAGE = Stage(steps=6000, batch=32, lr=6e-4, warmup=200, seed=12, ema=0.999, min_snr=5.0)
 CLIP_STAGE = Stage(steps=300, batch=96, lr=5e-4, weight_decay=0.01, warmup=30, seed=13)
 N_TRAIN_SCENES = 16000
 HELD_OUT_SEED = 1_000_000  # seeds ≥ this are never trained on (evaluation, ToyBench)
@@ -249,7 +249,7 @@ def vae_loss(vae: M.Net):
     return loss
 
 
-VAE_DECODER_STAGE = Stage(steps=300, batch=16, lr=3e-4, warmup=20, seed=14)
+VAE_DECODER_STAGE = Stage(steps=1000, batch=16, lr=3e-4, warmup=20, seed=14)
 
 
 def is_decoder(path: tuple) -> bool:

@@ -304,19 +304,22 @@ def random_spec(seed: int, n_objects: int | None = None, size: int = IMAGE_SIZE)
     colours = rng.choice(len(PALETTE), n, replace=False)
     names = list(PALETTE)
     lo, hi = SIZE_RANGE if n == 1 else PAIR_SIZE_RANGE
-    objs: list[Obj] = []
-    for k in range(n):
-        for _ in range(200):
-            shape = SHAPES[rng.integers(len(SHAPES))]
-            sz = float(rng.integers(lo, hi + 1))
-            o = Obj(shape, names[colours[k]], float(rng.uniform(0, size - 1)),
-                    float(rng.uniform(0, size - 1)), sz)
-            if _fits(o, objs, size):
-                objs.append(o)
+    for _attempt in range(50):  # a first object placed where no second one fits: place both again
+        objs: list[Obj] = []
+        for k in range(n):
+            for _ in range(200):
+                shape = SHAPES[rng.integers(len(SHAPES))]
+                sz = float(rng.integers(lo, hi + 1))
+                o = Obj(shape, names[colours[k]], float(rng.uniform(0, size - 1)),
+                        float(rng.uniform(0, size - 1)), sz)
+                if _fits(o, objs, size):
+                    objs.append(o)
+                    break
+            else:
                 break
-        else:  # pragma: no cover - 200 tries always succeed for ≤ 2 objects at these sizes (tested)
-            raise RuntimeError(f"seed {seed}: could not place object {k}")
-    return Spec(background=bg, objects=tuple(objs), angle=angle if len(bg) == 2 else 0.0, size=size)
+        if len(objs) == n:
+            return Spec(background=bg, objects=tuple(objs), angle=angle if len(bg) == 2 else 0.0, size=size)
+    raise RuntimeError(f"seed {seed}: could not place {n} objects")  # pragma: no cover - never seen
 
 
 def random_scene(seed: int, n_objects: int | None = None) -> Scene:
