@@ -27,6 +27,12 @@ def test_scenes_are_deterministic_and_within_the_documented_ranges():
     assert world.check_palette() >= world.MIN_COLOUR_GAP
 
 
+def test_a_crowded_seed_is_placed_again():
+    """Seed 340154's first placement left no room for its second object: both are placed again."""
+    s = world.random_spec(340154)
+    assert len(s.objects) == 2 and world.fits(s)
+
+
 def test_objects_are_apart_by_their_outlines():
     """Two squares side by side 6 px apart fit (their bounding circles overlap); 5 px apart do not."""
     a = world.Obj("square", "red", 40.0, 64.0, 40.0)
