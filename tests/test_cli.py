@@ -178,5 +178,6 @@ def test_readme_demo_command(tmp_path):
     assert out["iterations"] >= 0
     if out["model"] == "toy":  # the committed trained model: the measured edit is reported
         assert out["measured"]["drag"] == [[20, 0]] and "error" in out["measured"]
+        assert out["measured"]["survived"] and out["measured"]["rel_error"] < 0.8  # measured 0.64 (test_toy_model)
     rep = json.loads((tmp_path / "demo_out" / "report.json").read_text())
     assert rep["config"]["lora"]["steps"] == 80 and rep["config"]["method"] == "dragtext"
