@@ -1,0 +1,7 @@
+"""``python -m jaxdrag.cli …`` = ``jaxdrag …``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
