@@ -63,19 +63,27 @@ def test_four_devices_equal_one(tiny_models, method):
     assert diff <= 1, diff  # batch 4 on one device vs batch 1 per device: float rounding only
 
 
+def _split_run(model, data, out, *extra):
+    """start(i): process i of 2 of ``jaxdrag run --distributed`` on the tiny model (a free port)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+
+    def start(i):
+        return subprocess.Popen([sys.executable, "-m", "jaxdrag.cli", "run", str(data), "--out", str(out),
+                                 "--model", str(model), "--method", "dragdiffusion", "--lora-steps", "2",
+                                 "--max-iters", "2", "--quiet", "--distributed", "--coordinator", f"localhost:{port}",
+                                 "--num-processes", "2", "--process-id", str(i), *extra],
+                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start
+
+
 def test_two_processes_split_a_dataset(tiny_models, tmp_path):
     data, out = tmp_path / "bench", tmp_path / "out"
     for i in range(5):
         _dragbench_sample(data / "cat" / f"s{i}", i)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxdrag.cli", "run", str(data), "--out", str(out),
-                               "--model", str(tiny_models[0]), "--method", "dragdiffusion", "--lora-steps", "2",
-                               "--max-iters", "2", "--quiet", "--distributed", "--coordinator", f"localhost:{port}",
-                               "--num-processes", "2", "--process-id", str(i)],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    start = _split_run(tiny_models[0], data, out)
+    procs = [start(i) for i in range(2)]
     logs = [p.communicate(timeout=1200) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in logs]
     summary = json.loads((out / "summary.json").read_text())
@@ -96,17 +104,7 @@ def test_a_killed_peer_is_named_and_a_rerun_completes(tiny_models, tmp_path):
     data, out = tmp_path / "bench", tmp_path / "out"
     for i in range(6):
         _dragbench_sample(data / "cat" / f"s{i}", i)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-
-    def start(i):
-        return subprocess.Popen([sys.executable, "-m", "jaxdrag.cli", "run", str(data), "--out", str(out),
-                                 "--model", str(tiny_models[0]), "--method", "dragdiffusion", "--lora-steps", "2",
-                                 "--max-iters", "2", "--batch-size", "1", "--quiet", "--distributed",
-                                 "--coordinator", f"localhost:{port}", "--num-processes", "2",
-                                 "--process-id", str(i), "--peer-timeout", "15"],
-                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = _split_run(tiny_models[0], data, out, "--batch-size", "1", "--peer-timeout", "15")
 
     p0, p1 = start(0), start(1)
     deadline = time.monotonic() + 900
