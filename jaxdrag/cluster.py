@@ -221,17 +221,15 @@ def merge(mine: dict, gathered: dict, shares: dict[int, list[str]], n_all: int,
     folder: a peer killed between writing a result and its next heartbeat) are listed under
     ``missing``."""
     parts = [mine] + [gathered["summaries"][p] for p in sorted(gathered["summaries"])]
-    missing = {}
-    for p, info in gathered["lost"].items():
-        info["finished"] = sorted(set(info["finished"]) | {n for n in shares[p] if on_disk(n)})
-        done = set(info["finished"])
-        missing.update({name: f"process {p} was lost (no heartbeat for {info['silent_s']:.0f} s)"
-                        for name in shares[p] if name not in done})
-    lost_done = sum(len(set(info["finished"]) & set(shares[p])) for p, info in gathered["lost"].items())
+    lost = {p: {**info, "finished": sorted(set(info["finished"]) | {n for n in shares[p] if on_disk(n)})}
+            for p, info in gathered["lost"].items()}
+    missing = {name: f"process {p} was lost (no heartbeat for {info['silent_s']:.0f} s)"
+               for p, info in lost.items() for name in shares[p] if name not in set(info["finished"])}
+    lost_done = sum(len(set(info["finished"]) & set(shares[p])) for p, info in lost.items())
     return {"dataset": mine["dataset"], "method": mine["method"], "total": n_all,
             "done": sum(p["done"] for p in parts) + lost_done,
             "failed": {k: v for p in parts for k, v in p["failed"].items()},
             "missing": sorted(missing), "missing_why": missing,
-            "lost_processes": {str(p): info for p, info in gathered["lost"].items()},
+            "lost_processes": {str(p): info for p, info in lost.items()},
             "waited_for_peers_s": gathered["waited_s"],
             "processes": parts, "wall_s": max(p["wall_s"] for p in parts)}

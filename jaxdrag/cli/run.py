@@ -47,7 +47,6 @@ def cmd_run(args) -> int:
         finished = [s.name for s in samples if s not in todo]
         coord = cluster.Coordinator(where) if pid == 0 else None
         peer = cluster.Peer(where, finished) if pid != 0 else None
-    if nproc > 1:
         print(f"process {pid} of {nproc}: {len(samples)} of the {n_all} samples", file=sys.stderr)
     print(f"{len(samples)} samples, {len(samples) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
     failures: dict[str, str] = {}

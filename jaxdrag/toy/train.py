@@ -141,17 +141,19 @@ def train(name: str, workdir: Path, params, loss_fn: Callable, batch_fn: Callabl
             lambda path, _: "train" if trainable(tuple(_key(k) for k in path)) else "fixed", params)
         tx = optax.multi_transform({"train": tx, "fixed": optax.set_to_zero()}, labels)
     opt = tx.init(params)
-    ema = params  # the average (a copy of the parameters when stage.ema == 0)
+    ema = params  # the average (unused, and not saved, when stage.ema == 0)
     mngr = ocp.CheckpointManager(Path(workdir).resolve() / name,
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     start, history = 0, []
     latest = mngr.latest_step()
     if latest is not None:
-        state = mngr.restore(latest, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_flat(params)), opt=ocp.args.StandardRestore(_flat(opt)),
-            ema=ocp.args.StandardRestore(_flat(ema)), meta=ocp.args.JsonRestore()))
+        items = dict(params=ocp.args.StandardRestore(_flat(params)), opt=ocp.args.StandardRestore(_flat(opt)),
+                     meta=ocp.args.JsonRestore())
+        if stage.ema > 0:
+            items["ema"] = ocp.args.StandardRestore(_flat(ema))
+        state = mngr.restore(latest, args=ocp.args.Composite(**items))
         params, opt = _unflat(params, state["params"]), _unflat(opt, state["opt"])
-        ema = _unflat(ema, state["ema"])
+        ema = _unflat(ema, state["ema"]) if stage.ema > 0 else params
         start, history = int(latest), [tuple(h) for h in state["meta"]["history"]]
         log(f"[{name}] resumed at step {start}")
     if start >= stage.steps:
@@ -169,10 +171,11 @@ def train(name: str, workdir: Path, params, loss_fn: Callable, batch_fn: Callabl
         return params, opt, ema, loss, aux
 
     def save(k):
-        mngr.save(k, args=ocp.args.Composite(params=ocp.args.StandardSave(_flat(params)),
-                                             opt=ocp.args.StandardSave(_flat(opt)),
-                                             ema=ocp.args.StandardSave(_flat(ema)),
-                                             meta=ocp.args.JsonSave({"history": history})))
+        items = dict(params=ocp.args.StandardSave(_flat(params)), opt=ocp.args.StandardSave(_flat(opt)),
+                     meta=ocp.args.JsonSave({"history": history}))
+        if stage.ema > 0:  # a stage without an average saves no copy of its parameters
+            items["ema"] = ocp.args.StandardSave(_flat(ema))
+        mngr.save(k, args=ocp.args.Composite(**items))
 
     base = jax.random.PRNGKey(stage.seed)
     t0, recent = time.perf_counter(), []
