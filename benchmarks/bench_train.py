@@ -11,7 +11,10 @@ Reported: FLOPs per step from XLA's cost analysis, seconds per step (median of t
 warm-up), examples per second, achieved GFLOP/s and, for scale, the GFLOP/s of a plain 2048³
 float32 matmul on the same machine.
 
-    python benchmarks/bench_train.py [--batch 32] [--steps 12] [--json out.json]
+    python benchmarks/bench_train.py [--batch 32] [--steps 12] [--json out.json] [--attention]
+
+``--attention`` also times the attention alone at the 16×16 level's shape (32 × 256 tokens × 4
+heads × 8), the former and the current implementation, forward and forward + backward.
 """
 
 from __future__ import annotations
@@ -82,6 +85,31 @@ print(json.dumps({"devices": jax.device_count(), "s_per_step": dt, "examples_per
                   "gflop_per_step": flops / 1e9, "gflop_per_s": flops / dt / 1e9, "matmul_gflop_per_s": matmul}))
 '''
 
+ATTENTION = r'''
+import json, time
+import numpy as np, jax, jax.numpy as jnp
+from jaxdrag.models import attention as A
+def old(q, k, v, causal=False):
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+def timed(f, *a):
+    c = jax.jit(f).lower(*a).compile()
+    jax.block_until_ready(c(*a))
+    t = time.perf_counter()
+    for _ in range(10):
+        r = c(*a)
+    jax.block_until_ready(r)
+    return (time.perf_counter() - t) / 10 * 1000
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.normal(size=(32, 256, 4, 8)), jnp.float32) for _ in range(3))
+out = {}
+for name, f in (("before", old), ("after", lambda q, k, v: A._xla_attention(q, k, v, False))):
+    g = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))
+    out[name] = {"forward_ms": timed(f, q, k, v), "forward_backward_ms": timed(g, q, k, v)}
+out["max_abs_diff"] = float(jnp.abs(old(q, k, v) - A._xla_attention(q, k, v, False)).max())
+print(json.dumps(out))
+'''
+
 CONFIGS = {
     "before": {"devices": 1, "attention": "before", "freeze_tokens": False},
     "after": {"devices": 2, "attention": "after", "freeze_tokens": True},
@@ -103,8 +131,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--attention", action="store_true")
     args = ap.parse_args(argv)
     res = {n: run(n, args.batch, args.steps) for n in CONFIGS}
+    if args.attention:
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        r = subprocess.run([sys.executable, "-c", ATTENTION], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"attention: failed\n{r.stderr[-3000:]}")
+        res["attention"] = json.loads(r.stdout.strip().splitlines()[-1])
     res["speedup"] = res["after"]["examples_per_s"] / res["before"]["examples_per_s"]
     print("| configuration | devices | GFLOP / step | s / step | examples / s | GFLOP/s | matmul GFLOP/s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -113,6 +148,11 @@ def main(argv=None) -> int:
         print(f"| {n} | {r['devices']} | {r['gflop_per_step']:.2f} | {r['s_per_step']:.3f} | "
               f"{r['examples_per_s']:.1f} | {r['gflop_per_s']:.1f} | {r['matmul_gflop_per_s']:.0f} |")
     print(f"speed-up (examples / s): {res['speedup']:.2f}×")
+    if args.attention:
+        a = res["attention"]
+        print(f"attention (32 × 256 × 4 × 8): forward {a['before']['forward_ms']:.1f} → {a['after']['forward_ms']:.1f} ms, "
+              f"forward + backward {a['before']['forward_backward_ms']:.1f} → {a['after']['forward_backward_ms']:.1f} ms, "
+              f"max |Δ| {a['max_abs_diff']:.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -82,3 +82,24 @@ def tracking(pipe, tasks: list[bench.Task], window: int = 3) -> dict:
                           "within_2px": float(np.mean(ea <= 2.0))},
             "window": {"r_p": window, "median_px": float(np.median(ew)), "within_1px": float(np.mean(ew <= 1.0))},
             "contrast": {f"{s}px": float(np.mean(v)) for s, v in contrast.items()}}
+
+
+def main(argv=None) -> int:
+    """``python -m jaxdrag.toy.diagnose [--model DIR] [--tasks N]``: the trackability table as JSON."""
+    import argparse
+    import json
+
+    from .. import load_pipeline
+    from . import toy_paths
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="toy SD folder (default: the committed weights/toy-sd15)")
+    ap.add_argument("--tasks", type=int, default=16)
+    args = ap.parse_args(argv)
+    pipe = load_pipeline(args.model or toy_paths()[0], dtype="float32")
+    print(json.dumps(tracking(pipe, bench.make_tasks(args.tasks)), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
