@@ -109,14 +109,16 @@ def bench_jax(pipe, b, res, iters, loop_iters):
     opts = jax.vmap(optax.scale_by_adam().init)(loras)
     keys = jax.random.split(jax.random.PRNGKey(2), b)
     ctx = batch_of(c0, b)
+    lrs = jnp.full((b,), settings.lr, jnp.float32)  # traced per edit (one program for every rate)
+    wds = jnp.full((b,), settings.weight_decay, jnp.float32)
     t0 = time.perf_counter()
-    lex = fn.lower(pipe.sd.unet.params, loras, opts, keys, means, stds, ctx).compile()
+    lex = fn.lower(pipe.sd.unet.params, loras, opts, keys, means, stds, ctx, lrs, wds).compile()
     out["lora_chunk_compile_s"] = time.perf_counter() - t0
     carry = {"a": (jax.tree.map(jnp.copy, loras), opts, keys)}
 
     def run_lora():
         lo, op, ke = carry["a"]
-        lo, op, ke, losses = lex(pipe.sd.unet.params, lo, op, ke, means, stds, ctx)
+        lo, op, ke, losses = lex(pipe.sd.unet.params, lo, op, ke, means, stds, ctx, lrs, wds)
         carry["a"] = (lo, op, ke)
         return losses
     r = common.timeit(run_lora, 2)
