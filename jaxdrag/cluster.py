@@ -147,7 +147,7 @@ class Coordinator:
                 f"{', '.join(f'{silent[p]:.0f} s' for p in lost)} (--peer-timeout {peer_timeout:g})")
         with self.peers.lock:
             return {"summaries": dict(self.peers.summaries),
-                    "lost": {p: {"silent_s": round(silent[p], 1), "finished": sorted(self.peers.finished.get(p, ()))}
+                    "lost": {p: {"silent_s": round(silent[p], 3), "finished": sorted(self.peers.finished.get(p, ()))}
                              for p in lost},
                     "waited_s": round(self.clock() - t0, 1)}
 

@@ -9,7 +9,9 @@ Every stage resumes from its newest orbax checkpoint in ``--workdir`` (default
 step k depend only on the stage seed and k) and rerunning a finished stage costs nothing.
 A later session, whose machine has no such checkpoints, continues from the committed model:
 ``--init-from weights`` starts every network from the weights in that folder (a warm restart:
-new optimiser state, the same recipe), and a larger ``--unet-steps`` trains longer.
+new optimiser state, the same recipe), and a larger ``--unet-steps`` trains longer. Such a
+continuation says which session it is (``--session 2``: fresh data seeds) and may lower the
+UNet's peak rate; the command of each session is in ``weights/toy-sd15/README.md``.
 The UNet stage runs data-parallel over ``--devices`` host devices (default 2: one per core).
 """
 
@@ -38,6 +40,11 @@ def _args(argv):
     ap.add_argument("--clip-steps", type=int, default=None)
     ap.add_argument("--vae-decoder-steps", type=int, default=None)
     ap.add_argument("--scenes", type=int, default=None, help="training scenes encoded for the UNet")
+    ap.add_argument("--session", type=int, default=1,
+                    help="which training session this is (1 = from scratch or the first warm start): offsets "
+                         "every stage's data seed so that a warm restart does not replay the batches of the last")
+    ap.add_argument("--unet-lr", type=float, default=None,
+                    help="peak learning rate of the UNet stage (default the recipe's; lower it for a warm restart)")
     return ap.parse_args(argv)
 
 
@@ -89,6 +96,9 @@ def main(argv=None) -> int:
     args.clip_steps = pick(args.clip_steps, T.CLIP_STAGE.steps)
     args.vae_decoder_steps = pick(args.vae_decoder_steps, T.VAE_DECODER_STAGE.steps)
     args.scenes = pick(args.scenes, T.N_TRAIN_SCENES)
+    if args.session < 1:
+        raise SystemExit(f"error: --session {args.session}: sessions count from 1")
+    reseed = lambda st: replace(st, seed=st.seed + 1000 * (args.session - 1))
     init = _initial(args.init_from)
     stages = set(args.stages.split(","))
     work = args.workdir
@@ -104,13 +114,19 @@ def main(argv=None) -> int:
 
     summary_path = work / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    committed = None if args.init_from is None else Path(args.init_from) / "toy-sd15" / "training.json"
+    if committed is not None and committed.exists() and "earlier_sessions" not in summary:
+        # a warm restart keeps the record of the sessions it continues
+        old = json.loads(committed.read_text())
+        summary["earlier_sessions"] = old.pop("earlier_sessions", []) + [old]
+    summary["session"] = args.session
 
     def note(key, value):
         summary[key] = value
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
 
     # ---- VAE
-    vae_stage = replace(T.VAE_STAGE, steps=args.vae_steps)
+    vae_stage = reseed(replace(T.VAE_STAGE, steps=args.vae_steps))
     vae = M.net(M.build_vae())
 
     def heldout_psnr(params) -> np.ndarray:
@@ -137,7 +153,7 @@ def main(argv=None) -> int:
     log(f"[data] {len(data['means'])} scenes, scaling factor {sf:.5f}")
 
     # ---- UNet + text encoder
-    unet_stage = replace(T.UNET_STAGE, steps=args.unet_steps)
+    unet_stage = reseed(replace(T.UNET_STAGE, steps=args.unet_steps, lr=pick(args.unet_lr, T.UNET_STAGE.lr)))
     unet, text = M.net(M.build_unet()), M.net(M.build_text())
     t0 = time.perf_counter()
     params0 = ({"unet": M.init_params(M.build_unet(), 10), "text": M.init_params(M.build_text(), 11)}
@@ -153,7 +169,7 @@ def main(argv=None) -> int:
     from jaxdrag.tokenizer import Tokenizer
 
     tok = Tokenizer()
-    clip_stage = replace(T.CLIP_STAGE, steps=args.clip_steps)
+    clip_stage = reseed(replace(T.CLIP_STAGE, steps=args.clip_steps))
     clip = M.net(M.build_clip())
     t0 = time.perf_counter()
     params0 = ({"clip": M.init_params(M.build_clip(), 20), "logit_scale": jnp.float32(2.6592)}
@@ -165,7 +181,7 @@ def main(argv=None) -> int:
         note("clip", {"stage": T.stage_dict(clip_stage), "history": hist, "wall_s": time.perf_counter() - t0})
 
     # ---- VAE decoder fine-tune (encoder and latent space fixed)
-    dec_stage = replace(T.VAE_DECODER_STAGE, steps=args.vae_decoder_steps)
+    dec_stage = reseed(replace(T.VAE_DECODER_STAGE, steps=args.vae_decoder_steps))
     t0 = time.perf_counter()
     vae_params, hist = T.train("vae_decoder", work, vae_params, T.vae_decoder_loss(vae),
                                lambda k: T.vae_batch(dec_stage, k), dec_stage, log, trainable=T.is_decoder)
@@ -180,6 +196,7 @@ def main(argv=None) -> int:
     if "export" in stages:
         info = {"world": "jaxdrag.toy.world", "world_version": world.VERSION, "scaling_factor": sf,
                 "init_from": None if args.init_from is None else "the committed model (warm start)",
+                "session": args.session,
                 "steps": {"vae": vae_stage.steps, "unet": unet_stage.steps, "clip": clip_stage.steps,
                           "vae_decoder": dec_stage.steps}}
         p = export.write_sd(out, vae_params, ut["unet"], ut["text"], sf, info)

@@ -48,7 +48,7 @@ def test_process_0_gets_summaries_and_declares_a_silent_peer_lost():
         coord.close()
     assert 0.8 < waited < 3.0  # bounded by the timeout after its last heartbeat
     assert set(got["summaries"]) == {1} and set(got["lost"]) == {2} and got["lost"][2]["finished"] == ["c"]
-    assert got["lost"][2]["silent_s"] > 1.5
+    assert got["lost"][2]["silent_s"] >= 1.5  # lost once silent for more than the timeout (rounded to ms)
     names = ["a", "b", "c", "d", "e", "f"]
     mine = {"dataset": "d", "method": "m", "done": 2, "failed": {}, "wall_s": 7.0}
     s = cluster.merge(mine, got, {p: names[p::3] for p in range(3)}, 6)
