@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from ..schedule import ddim_step
-from .loop import DragConfig, DragInputs, DragNetworks, failure_update, while_live
+from .engine import DragConfig, DragInputs, DragNetworks, Host, failure_update, max_iters_budget, pair_plan, while_live
 from .losses import STOP_DISTANCE, background_loss, background_weight, l1, upsample_features
 from .text import ADAM, text_gradient, text_loss, text_step
 
@@ -276,3 +276,11 @@ def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs, state: FreeD
     """``lax.while_loop`` of the batched step until every edit is done or at ``max_iters``."""
     return while_live(lambda e, i, s: step(nets, cfg, shared, e, i, s), lambda st: ~st.done & ~st.failed,
                       edits, inputs, state, progress)
+
+
+def _reached(cfg: DragConfig, state: FreeDragState) -> Array:
+    """(B,) bool: every pair's line search has reached its target (all signs set)."""
+    return jnp.all(state.sign, axis=-1)
+
+
+HOST = Host("freedrag", "FreeDrag", prepare, run, _reached, max_iters_budget, pair_plan)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from ..schedule import ddim_step
-from .loop import DragConfig, DragInputs, DragNetworks, failure_update, update_budget, while_live
+from .engine import DragConfig, DragInputs, DragNetworks, Host, failure_update, while_live
 from .losses import (STOP_DISTANCE, background_loss, background_weight, motion_supervision,
                      reference_patches, upsample_features)
 from .text import ADAM, text_cotangent, text_gradient, text_loss, text_step
@@ -80,6 +80,11 @@ class GoodDragState(NamedTuple):
     failed: Array
     fail_it: Array
     fail_what: Array
+
+
+def update_budget(cfg: DragConfig) -> int:
+    """The most latent updates of a drag phase: T2 timesteps × trackings × steps per tracking."""
+    return cfg.drag_end_step * cfg.track_per_step * cfg.max_drag_per_track
 
 
 def timestep(cfg: DragConfig, t_star: Array, j: Array) -> Array:
@@ -219,3 +224,21 @@ def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs, state: GoodD
     """``lax.while_loop`` of the batched step until every edit's drag phase is over."""
     return while_live(lambda e, i, s: step(nets, cfg, shared, e, i, s), lambda st: ~st.done & ~st.failed,
                       edits, inputs, state, progress)
+
+
+def _reached(cfg: DragConfig, state: GoodDragState) -> Array:
+    """(B,) bool: the drag phase stopped because every handle reached its target."""
+    return state.reached
+
+
+def denoise_plan(cfg: DragConfig, zt, c0, inputs, state: GoodDragState, strength: float, reference: bool,
+                 steps: int) -> dict:
+    """The final denoise from where the drag phase stopped (timestep index j), the source branch
+    from the original trajectory there, on [c, ĉ of the last denoise]."""
+    _, pre = inputs
+    z_src = jnp.take_along_axis(pre.zs, state.j[:, None, None, None, None], axis=1)[:, 0]
+    return dict(z_src=z_src, z_edit=state.z, c_src=c0, c_edit=state.c_out, strength=strength,
+                reference=reference, start=state.j)
+
+
+HOST = Host("gooddrag", "GoodDrag", prepare, run, _reached, update_budget, denoise_plan)

@@ -30,7 +30,8 @@ DragNoise (§7, ``host="dragnoise"``) is this loop with the UNet bottleneck h (t
 output at (z*, c), computed once in ``prepare``) as the optimised variable instead of z: every
 forward is ``features_mid(z*, ĉ, t*, h)``, Φ uses ε(h) with z = z*, and its background term is
 always applied (``background="always"``). GoodDrag and FreeDrag have their own loops
-(``gooddrag.py``, ``freedrag.py``); ``make_runner`` picks the one of ``cfg.host``.
+(``gooddrag.py``, ``freedrag.py``); ``hosts.make_runner`` picks the one of ``cfg.host``. This
+module provides two hosts (``DRAGDIFFUSION``, ``DRAGNOISE``; CLIPDrag is DragDiffusion with CLIP).
 
 DragText gradients (§3.3): the latent gets ∇_z L with L = L_ms + L_bg; the text embedding gets
 ∇_ĉ(L + L_text), L_text = L_ms + n_active·λ_t·reg, as the reference computes them. The reference
@@ -45,13 +46,13 @@ inside the while_loop, each equal to the final state of a run with ``max_iters``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from ..schedule import DDIM, ddim_step, predict_x0
+from ..schedule import ddim_step, predict_x0
+from .engine import DragConfig, DragHypers, DragInputs, DragNetworks, Host, failure_update, max_iters_budget, pair_plan, while_live
 from .fusion import fuse
 from .losses import (STOP_DISTANCE, background_loss, background_weight, clip_loss, motion_supervision,
                      reference_patches, upsample_features)
@@ -60,137 +61,6 @@ from .text import text_cotangent, text_gradient, text_loss, text_step
 from .tracking import templates, track
 
 Array = jax.Array
-
-
-@dataclass(frozen=True, eq=False)
-class DragNetworks:
-    """The two network functions the engine calls (hashed by identity: build once, reuse)."""
-
-    features: Callable
-    clip_image: Callable | None = None
-    # DragNoise: features_mid(shared, edit, z, c, t, h) is ``features`` with the mid-block output
-    # replaced by h; bottleneck(shared, edit, z, c, t) -> h (the mid-block output)
-    features_mid: Callable | None = None
-    bottleneck: Callable | None = None
-
-
-HOSTS = ("dragdiffusion", "dragnoise", "gooddrag", "freedrag")
-# the hosts of this module's loop: the ones with text_feature_block and snapshots
-SPLIT_HOSTS = ("dragdiffusion", "dragnoise")
-
-
-@dataclass(frozen=True)
-class DragConfig:
-    """Static (structural) settings; changing one recompiles. Defaults: DragDiffusion."""
-
-    r_m: int = 1                    # motion-supervision patch radius r1
-    r_p: int = 3                    # tracking window radius r2
-    max_step: float = 1.0           # β: step length min(β, distance); 1 = DragDiffusion's unit step
-    ms_reference: str = "current"   # "current" (DragDiffusion) | "initial" (CLIPDrag, GoodDrag)
-    ms_weight: float | None = None  # None = (2r1+1)² (GoodDrag: (2r1)²)
-    tracking: str = "nearest"       # "nearest" | "fast" (CLIPDrag)
-    max_iters: int = 80
-    optimize_text: bool = False     # DragText
-    use_clip: bool = False          # CLIPDrag's global gradient and fusion
-    fusion: str = "paper"           # "paper" | "code" | "project" | "add" | "prograd" (fusion.RULES)
-    stale_latent_grad: bool = False  # reproduce DragText's / FreeDrag's stale latent gradient (QUIRK)
-    host: str = "dragdiffusion"     # the drag algorithm: see HOSTS (CLIPDrag runs on "dragdiffusion")
-    background: str = "masked"      # "masked": no mask drawn → no background term; "always": whole image
-    bg_reduction: str = "sum"       # background L1 reduction over the latent: "sum" | "mean" (FreeDrag)
-    # GoodDrag (§5): drag over the first ``drag_end_step`` timesteps, ``track_per_step`` trackings
-    # per timestep, tracking after every ``max_drag_per_track`` motion-supervision steps, early
-    # stop after ``max_track_no_change`` trackings that moved no handle
-    drag_end_step: int = 7
-    track_per_step: int = 10
-    max_drag_per_track: int = 3
-    max_track_no_change: int = 5
-    block_steps: int = 5            # FreeDrag (§6): Adam steps per line-search block
-    end_step: int = 0               # DragNoise (§7): inject h while the step index < 50 − end_step
-    # DragText App. H: the decoder block (up_blocks index; the paper's "Block #k" is k − 1) whose
-    # features drive the text embedding's motion term; None = the latent's block (up_blocks[2]).
-    # The networks must then return that block's map as a third output (Pipeline.drag_networks)
-    text_feature_block: int | None = None
-    # CLIPDrag Tables 1–2 in one run: snapshots of (z, ĉ) at these iteration caps (each ≤ max_iters);
-    # a snapshot equals the final state of a run with max_iters = that cap
-    snapshots: tuple[int, ...] = ()
-    sup_hw: tuple[int, int] = (256, 256)  # supervision resolution (h_s, w_s) = (H//2, W//2)
-    schedule: DDIM = field(default_factory=DDIM)
-
-    def __post_init__(self):
-        # choices and ranges from the settings table (settings.py), for configs built directly
-        from .settings import SETTINGS
-
-        if self.host not in HOSTS:
-            raise ValueError(f"host must be one of {HOSTS}, got {self.host!r}")
-        for st in SETTINGS:
-            if st.continuous or not hasattr(self, st.name):
-                continue
-            v = getattr(self, st.name)
-            if st.kind == "choice" and v not in st.choices:
-                allowed = (" or ".join(repr(c) for c in st.choices) if len(st.choices) == 2
-                           else f"one of {st.choices}")
-                raise ValueError(f"{st.name} must be {allowed}, got {v!r}")
-            if st.kind in ("int", "float") and v is not None and st.range:
-                low = 0 if st.range == "nonnegative" else (1 if st.kind == "int" else None)
-                if low is None and not v > 0:
-                    raise ValueError(f"{st.name} must be > 0, got {v}")
-                if low is not None and v < low:
-                    raise ValueError(f"{st.name} must be ≥ {low}, got {v}")
-        if self.text_feature_block is not None:
-            if not self.optimize_text:
-                raise ValueError("text_feature_block needs a DragText method (the text embedding is not optimised)")
-            if self.host not in SPLIT_HOSTS:
-                raise ValueError(f"text_feature_block is implemented on the hosts {SPLIT_HOSTS} (DragText's "
-                                 f"Appendix H runs on DragDiffusion), not {self.host!r}")
-            if int(self.text_feature_block) < 0:
-                raise ValueError(f"text_feature_block must be ≥ 0, got {self.text_feature_block}")
-        if self.snapshots:
-            caps = tuple(int(c) for c in self.snapshots)
-            if self.host not in SPLIT_HOSTS:
-                raise ValueError(f"snapshots are implemented on the hosts {SPLIT_HOSTS} (an iteration cap is "
-                                 f"max_iters; GoodDrag and FreeDrag count their budgets otherwise), "
-                                 f"not {self.host!r}")
-            if min(caps) < 1 or max(caps) > self.max_iters:
-                raise ValueError(f"snapshots must lie in 1..max_iters = {self.max_iters}, got {list(caps)}")
-            if list(caps) != sorted(set(caps)):
-                raise ValueError(f"snapshots must be increasing without repeats, got {list(caps)}")
-            object.__setattr__(self, "snapshots", caps)
-
-
-class DragHypers(NamedTuple):
-    """Continuous hyperparameters, each a float32 array (per edit when batched)."""
-
-    latent_lr: Array
-    text_lr: Array
-    lam: Array          # background weight λ
-    text_lam: Array     # DragText λ_t
-    fuse_weight: Array  # CLIPDrag fusion λ
-    clip_coef: Array    # CLIPDrag κ
-    drag_loss_threshold: Array  # GoodDrag: also track once L_drag ≤ threshold·(2r1)²
-    l_expected: Array   # FreeDrag: expected feature distance L of the line search
-    d_max: Array        # FreeDrag: longest line-search step (supervision px)
-
-    @classmethod
-    def make(cls, latent_lr=0.01, text_lr=0.004, lam=0.1, text_lam=0.1, fuse_weight=0.7,
-             clip_coef=300.0, drag_loss_threshold=0.0, l_expected=1.0, d_max=5.0) -> "DragHypers":
-        return cls(*(jnp.asarray(v, jnp.float32) for v in
-                     (latent_lr, text_lr, lam, text_lam, fuse_weight, clip_coef, drag_loss_threshold,
-                      l_expected, d_max)))
-
-
-class DragInputs(NamedTuple):
-    """Per-edit constants of the loop (see ``prepare``)."""
-
-    z0: Array            # (h, w, 4) the inverted latent z* (t = t*)
-    c0: Array            # (T, D) original text embedding
-    handles0: Array      # (N, 2)
-    targets: Array       # (N, 2)
-    mask: Array          # (N,) bool
-    keep: Array          # (h, w, 1) background weight map (zeros = no background term)
-    token_mask: Array    # (T,) DragText regularised positions
-    clip_text: Array     # (P,) CLIP text embedding of the edit prompt ((1,) if unused)
-    t_star: Array        # () int32
-    hypers: DragHypers
 
 
 class DragState(NamedTuple):
@@ -215,18 +85,6 @@ class DragState(NamedTuple):
     snap_c: Array        # (S, T, D) ĉ at each cap
     snap_it: Array       # (S,) int32 updates made by each cap
     snap_handles: Array  # (S, N, 2) the handles at each cap
-
-
-FAILURES = ("forward", "loss", "latent", "text")
-
-
-def failure_update(st, fail_now: Array, checks: Array) -> dict:
-    """The failure fields of a host's next state: an edit whose ``checks`` (the FAILURES, in
-    order, True = finite) failed now is flagged with the iteration and what went non-finite."""
-    return dict(failed=st.failed | fail_now, fail_it=jnp.where(fail_now, st.it, st.fail_it),
-                fail_what=jnp.where(fail_now, jnp.argmin(checks).astype(jnp.int32), st.fail_what))
-
-
 
 
 def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Array, handles0: Array,
@@ -402,22 +260,6 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
         snap_it=jnp.where(at_cap, it_new, st.snap_it), snap_handles=snap(h_out, st.snap_handles))
 
 
-def while_live(step_one: Callable, live: Callable, edits, inputs, state,
-               progress: Callable[[Any, Any], None] | None = None):
-    """``lax.while_loop`` of ``step_one(edit, inputs, state)`` vmapped over edits while any edit is
-    live (``live(state)`` → (B,) bool); ``progress(it, done)`` (host callback) once per iteration.
-    The loop of every host."""
-    batched = jax.vmap(step_one)
-
-    def body(st):
-        new = batched(edits, inputs, st)
-        if progress is not None:
-            jax.debug.callback(progress, new.it, new.done)
-        return new
-
-    return jax.lax.while_loop(lambda st: jnp.any(live(st)), body, state)
-
-
 def run(nets: DragNetworks, cfg: DragConfig, shared, edits, inputs: DragInputs, state: DragState,
         progress: Callable[[Any, Any], None] | None = None) -> DragState:
     """``lax.while_loop`` of the batched step until every edit is done or at ``max_iters``.
@@ -433,43 +275,26 @@ def prepare_batch(nets, cfg, shared, edits, *args):
     return jax.vmap(lambda e, *a: prepare(nets, cfg, shared, e, *a))(edits, *args)
 
 
-def update_budget(cfg: DragConfig) -> int:
-    """The most latent updates a run of ``cfg`` can make (the length of its loss record)."""
-    if cfg.host == "gooddrag":
-        return cfg.drag_end_step * cfg.track_per_step * cfg.max_drag_per_track
-    return cfg.max_iters
-
-
-def reached(cfg: DragConfig, state) -> Array:
-    """(B,) bool: every handle of the edit reached its target — DragDiffusion's and DragNoise's stop
-    flag, GoodDrag's reached flag, FreeDrag's every-pair-done signs."""
-    if cfg.host == "gooddrag":
-        return state.reached
-    if cfg.host == "freedrag":
-        return jnp.all(state.sign, axis=-1)
+def _done(cfg: DragConfig, state) -> Array:
+    """(B,) bool: the stop flag (every handle within 2 px of its target)."""
     return state.done
 
 
-def host_functions(cfg: DragConfig) -> tuple[Callable, Callable]:
-    """(prepare, run) of the drag algorithm ``cfg.host``: this module's loop for DragDiffusion,
-    CLIPDrag and DragNoise, ``gooddrag`` and ``freedrag`` for theirs."""
-    if cfg.host == "gooddrag":
-        from . import gooddrag as m
-        return m.prepare, m.run
-    if cfg.host == "freedrag":
-        from . import freedrag as m
-        return m.prepare, m.run
-    return prepare, run
+def _dragnoise_plan(cfg: DragConfig, zt, c0, inputs, state, strength: float, reference: bool, steps: int) -> dict:
+    """DragNoise's denoise (§7): from [z*, z*] with the optimised bottleneck in both rows for the
+    first K − end_step steps, without mutual self-attention."""
+    k = round(strength * steps)
+    return dict(z_src=zt, z_edit=zt, c_src=c0, c_edit=state.c, strength=strength, reference=False,
+                mid=state.z, mid_steps=max(0, k - cfg.end_step))
 
 
-def make_runner(nets: DragNetworks, cfg: DragConfig, progress=None, donate: bool = True):
-    """jit(prepare_batch) and jit(run) for fixed networks/config and ``cfg.host``: ``(prep, loop)``
-    with ``prep(shared, edits, z0, c0, handles0, targets, mask, keep, token_mask, clip_text, t_star,
-    hypers) -> (inputs, state)`` and ``loop(shared, edits, inputs, state)``. The state buffers are
-    donated."""
-    prep_one, run_fn = host_functions(cfg)
-    prep = jax.jit(lambda shared, edits, *a: jax.vmap(lambda e, *b: prep_one(nets, cfg, shared, e, *b))(edits, *a))
-    loop = jax.jit(lambda shared, edits, inputs, state: run_fn(nets, cfg, shared, edits, inputs, state,
-                                                               progress),
-                   donate_argnums=(3,) if donate else ())
-    return prep, loop
+def _bottleneck(nets: DragNetworks, shared, edit, z0, c0, t):
+    """DragNoise's variable before the drag: the mid-block output at (z*, c)."""
+    return nets.bottleneck(shared, edit, z0, c0, t)
+
+
+DRAGDIFFUSION = Host("dragdiffusion", "DragDiffusion", prepare, run, _done, max_iters_budget, pair_plan,
+                     splits=True)
+DRAGNOISE = Host("dragnoise", "DragNoise", prepare, run, _done, max_iters_budget, _dragnoise_plan,
+                 variable="mid", variable_start=_bottleneck, splits=True, reference_attention=False,
+                 guided_generation=False)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HOSTS_ALL = ("dragdiffusion", "gooddrag", "freedrag", "dragnoise")
-_DD_LIKE = ("dragdiffusion", "dragnoise")  # the hosts of the split loop (loop.py), CLIPDrag included
+HOSTS_ALL = ("*",)  # every host of the registry (hosts.py), a new one included
+_DD_LIKE = ("dragdiffusion", "dragnoise")  # the hosts of loop.py, CLIPDrag included
 
 
 @dataclass(frozen=True)
@@ -109,10 +109,12 @@ BY_NAME = {s.name: s for s in SETTINGS}
 def read_by(host: str, optimize_text: bool, use_clip: bool) -> tuple[str, ...]:
     """The settings a method reads: its host's, DragText's when it optimises the text embedding,
     CLIPDrag's when it uses CLIP (in table order within each group)."""
-    keys = [s.name for s in SETTINGS if host in s.hosts]
+    from .hosts import host as host_of  # the registry imports the host modules, which import this one
+
+    keys = [s.name for s in SETTINGS if host in s.hosts or "*" in s.hosts]
     if optimize_text:
         keys += [s.name for s in SETTINGS if s.extra == "text" and s.name not in keys]
-        if host in _DD_LIKE:
+        if host_of(host).splits:
             keys += [s.name for s in SETTINGS if s.extra == "split_text"]
     if use_clip:
         keys += [s.name for s in SETTINGS if s.extra == "clip"]

@@ -4,7 +4,6 @@ batches, LoRA → inversion → drag loop → denoise → decode per batch, and 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
@@ -12,12 +11,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from ..drag import DragConfig, DragHypers
-from ..drag.loop import reached as drag_reached
-from ..drag.loop import update_budget
-from ..drag.losses import STOP_DISTANCE
+from ..drag.hosts import host as drag_host
+from ..drag.hosts import reached as drag_reached
+from ..drag.hosts import update_budget
 from ..models.lora import zeros_lora
 
 from .networks import LoRASettings, Pipeline, check_remat
@@ -127,7 +125,7 @@ def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list,
     lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
     cache_keys = [_lora_key(p, settings.lora) for p in group[:n_real]]
     cache_keys += cache_keys[:1] * (b - n_real)  # a dummy is a copy of the first edit
-    cache = pipe.lora_cache if pipe.stages.measured is None else None  # plan_batch measures LoRA too
+    cache = pipe.lora_cache  # None when off, and in plan_batch's measuring view (it measures LoRA too)
     if cache is not None and all(k in cache for k in cache_keys):
         loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])
         lora_losses = jnp.stack([cache[k][1] for k in cache_keys], axis=1)
@@ -150,13 +148,12 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
     Shapes are fixed so one program per stage serves a whole shape group: the batch is padded
     to ``batch`` with handle-less copies of the first edit (they finish before their first
     update; their results are dropped) and the handle slots to ``n_pairs`` (masked)."""
-    from .. import data as io
+    from .assemble import edit_results
 
     n_real = len(group)
     batch = max(batch or n_real, n_real)
     group = list(group) + [_dummy(group[0])] * (batch - n_real)
     hypers = list(hypers) + [hypers[0]] * (batch - n_real)
-    b = batch
     timings: dict[str, float] = {}
     pipe.stages.last_compile_s = {}
 
@@ -166,69 +163,107 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         return out
 
-    reqs = [p.request for p in group]
-    sup_hw = group[0].sup_hw
-    cfg = replace(cfg, sup_hw=sup_hw)
+    cfg = replace(cfg, sup_hw=group[0].sup_hw)
+    c0, token_mask, et = _prompts(pipe, group, cfg, timed)
+    start = _start_latents(pipe, group, settings, cfg, c0, n_real, progress, timed, timings)
+    t_star = int(pipe.schedule.timesteps[pipe.schedule.start_index(settings.inversion_strength)])
+    shared, inputs, state = _drag(pipe, group, settings, cfg, hypers, n_pairs, start, c0, token_mask, et, t_star,
+                                  progress, timed)
+    images, z_edit, extras = _denoise_all(pipe, group, settings, cfg, start, c0, t_star, shared, inputs, state,
+                                          progress, timed)
+    return edit_results(group[:n_real], settings, cfg, hypers, t_star, pipe, images, z_edit, extras,
+                        jax.tree.map(np.asarray, state), np.asarray(drag_reached(cfg, state)),
+                        np.asarray(start["lora_losses"]), len(group),
+                        {**timings, **{f"compile_{k}": v for k, v in pipe.stages.last_compile_s.items()}})
 
+
+def _prompts(pipe: Pipeline, group: list, cfg: DragConfig, timed) -> tuple:
+    """The batch's text embeddings c0 (B, T, D), DragText's regularised token positions (B, T)
+    and CLIPDrag's edit-prompt embeddings (B, P) (zeros (B, 1) without CLIP)."""
+    reqs = [p.request for p in group]
     ids = pipe.tokenizer.ids([r.prompt for r in reqs])
     c0 = timed("text", pipe.encode_text_ids, ids)
     token_mask = (np.arange(ids.shape[1])[None] < pipe.tokenizer.prompt_lengths([r.prompt for r in reqs])[:, None])
     if cfg.use_clip:
         et = timed("clip_text", pipe.clip_text_embeds, [r.edit_prompt or r.prompt for r in reqs])
     else:
-        et = jnp.zeros((b, 1), jnp.float32)
-    generated = group[0].z_start is not None
-    guide = None
-    if generated:  # DragDiffusion's generated-image mode: no LoRA, no inversion (§2.4)
-        loras = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape), zeros_lora(pipe.sd.unet.lora))
-        lora_losses = np.zeros((0, b), np.float32)
-        zt = jnp.asarray(np.stack([p.z_start for p in group]))
-        gen = reqs[0].generation
-        if gen.guidance_scale != 1:
-            if cfg.host == "dragnoise":
-                from ..errors import SettingsError
-                raise SettingsError("drags on generated images with guidance_scale ≠ 1 are not available for "
-                                    "DragNoise (its bottleneck is one UNet row); use guidance_scale 1")
-            uncond = timed("text", pipe.encode_text_ids, pipe.tokenizer.ids([gen.negative_prompt]))[0]
-            guide = {"uncond": uncond, "scale": jnp.float32(gen.guidance_scale)}
-    else:
+        et = jnp.zeros((len(group), 1), jnp.float32)
+    return c0, token_mask, et
+
+
+def _start_latents(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, c0, n_real: int,
+                   progress, timed, timings: dict) -> dict:
+    """Where the drag starts: {"zt": the latents at t* (B, h, w, 4), "loras", "lora_losses"
+    (steps, B), "guide": classifier-free guidance of a generated image or None, "generated"}.
+    A real image is encoded, gets its LoRA and is inverted; a generated one starts from its
+    saved latent with no LoRA (DragDiffusion's generated-image mode, §2.4)."""
+    b = len(group)
+    reqs = [p.request for p in group]
+    if group[0].z_start is None:
         z0 = timed("encode", pipe.encode_images, jnp.asarray(np.stack([p.image for p in group])))
         loras, lora_losses = _edit_loras(pipe, group, settings, reqs, c0, b, n_real, progress, timed, timings)
         zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
+        return dict(zt=zt, loras=loras, lora_losses=lora_losses, guide=None, generated=False)
+    loras = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape), zeros_lora(pipe.sd.unet.lora))
+    guide = None
+    gen = reqs[0].generation
+    if gen.guidance_scale != 1:
+        host = drag_host(cfg.host)
+        if not host.guided_generation:
+            from ..errors import SettingsError
+            raise SettingsError("drags on generated images with guidance_scale ≠ 1 are not available for "
+                                f"{host.title} (its variable is one UNet row); use guidance_scale 1")
+        uncond = timed("text", pipe.encode_text_ids, pipe.tokenizer.ids([gen.negative_prompt]))[0]
+        guide = {"uncond": uncond, "scale": jnp.float32(gen.guidance_scale)}
+    return dict(zt=jnp.asarray(np.stack([p.z_start for p in group])), loras=loras,
+                lora_losses=np.zeros((0, b), np.float32), guide=guide, generated=True)
 
+
+def _drag(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, hypers: list[dict],
+          n_pairs: int | None, start: dict, c0, token_mask, et, t_star: int, progress, timed) -> tuple:
+    """The host's drag over the batch: (shared weights, inputs, final state). Handles and targets
+    are padded to the batch's slot count (masked); without a drawn mask the background weight is
+    zero (no background term), or one everywhere for hosts whose background is "always"."""
+    b = len(group)
     n = max([len(p.handles) for p in group] + [n_pairs or 1])
     h0, mask = _pad_points([p.handles for p in group], n)
     tg, _ = _pad_points([p.targets for p in group], n)
-    # no mask drawn: keep is all zeros (no background term); GoodDrag and DragNoise
-    # (background "always") keep the whole image instead
     keep = np.stack([np.ones_like(p.keep) if cfg.background == "always" and not p.masked else p.keep
                      for p in group])
-    t_star = int(pipe.schedule.timesteps[pipe.schedule.start_index(settings.inversion_strength)])
     hyp = DragHypers(*(jnp.asarray([hp[k] for hp in hypers], jnp.float32) for k in DragHypers._fields))
+    dbar = Bar(progress, "drag", update_budget(cfg), f"drag ×{b}") if progress else None
 
-    cb = None
-    if progress:
-        dbar = Bar(progress, "drag", update_budget(cfg), f"drag ×{b}")
+    def cb(it, done):
+        dbar.set(int(np.max(np.asarray(it))))
 
-        def cb(it, done):
-            dbar.set(int(np.max(np.asarray(it))))
-
-    prep, loop = pipe.drag_runner(cfg, settings.clip_double_unit_map, progress=cb is not None,
+    guide = start["guide"]
+    prep, loop = pipe.drag_runner(cfg, settings.clip_double_unit_map, progress=dbar is not None,
                                   remat=settings.remat, guided=guide is not None)
     shared = pipe.shared_params(cfg.use_clip, guide)
-    args = (shared, loras, zt, c0, jnp.asarray(h0), jnp.asarray(tg), jnp.asarray(mask),
+    args = (shared, start["loras"], start["zt"], c0, jnp.asarray(h0), jnp.asarray(tg), jnp.asarray(mask),
             jnp.asarray(keep), jnp.asarray(token_mask, jnp.float32), et,
             jnp.full((b,), t_star, jnp.int32), hyp)
     inputs, state = timed("drag_prepare", pipe.stages, "drag_prepare", prep, *args)
-    pipe.progress_relay.target = cb
+    pipe.progress_relay.target = cb if dbar is not None else None
     try:
-        state = timed("drag", pipe.stages, "drag", loop, shared, loras, inputs, state)
+        state = timed("drag", pipe.stages, "drag", loop, shared, start["loras"], inputs, state)
     finally:
         pipe.progress_relay.target = None
-    if cb is not None:
+    if dbar is not None:
         dbar.close()
+    return shared, inputs, state
+
+
+def _denoise_all(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, start: dict, c0,
+                 t_star: int, shared, inputs, state, progress, timed) -> tuple:
+    """The edited images (B, H, W, 3) uint8 at the working size, the final latents, and the extra
+    images {(kind, value): (images, finite (B,))} (interpolation, snapshots), each denoised like
+    the edit."""
+    b = len(group)
+    loras, zt = start["loras"], start["zt"]
     denoising = Bar(progress, "denoise", 1 + len(settings.interpolation) + len(cfg.snapshots), f"denoise ×{b}")
     plan = _denoise_plan(pipe, cfg, settings, zt, c0, inputs, state)
+    guide = start["guide"]
     if guide is not None:
         plan.update(uncond=jnp.broadcast_to(guide["uncond"], c0.shape), scale=jnp.full((b,), guide["scale"]))
     z_edit = timed("denoise", pipe.denoise, loras, **plan)
@@ -243,92 +278,15 @@ def _run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragCon
             np.isfinite(np.asarray(z_x)).reshape(b, -1).all(axis=1)
         denoising.update(1)
     denoising.close()
-    compile_s = dict(pipe.stages.last_compile_s)
-
-    st = jax.tree.map(np.asarray, state)
-    reached = np.asarray(drag_reached(cfg, state))
-    results = []
-    for i, p in enumerate(group[:n_real]):
-        img = out[i]
-        finite = bool(np.isfinite(np.asarray(z_edit[i])).all())
-        if img.shape[:2] != p.in_hw and finite:
-            img = np.asarray(Image.fromarray(img).resize((p.in_hw[1], p.in_hw[0]), Image.BILINEAR))
-        k = len(p.handles)
-        n_traj = int(st.it[i]) + int(st.done[i])
-        config = {
-            "method": settings.method, "drag": _cfg_dict(cfg), "hypers": hypers[i],
-            "lora": {f: getattr(settings.lora, f) for f in settings.lora.__dataclass_fields__},
-            "inversion_strength": settings.inversion_strength, "t_star": t_star,
-            "reference_attention": settings.reference_attention and cfg.host != "dragnoise",
-            "remat": settings.remat,
-            "clip_double_unit_map": settings.clip_double_unit_map,
-            "working_size": list(work_hw), "supervision_size": list(sup_hw), "input_size": list(p.in_hw),
-            "prompt": p.request.prompt, "edit_prompt": p.request.edit_prompt or p.request.prompt,
-            "seed": p.request.seed, "model": str(pipe.sd.source),
-            "dtype": jnp.dtype(pipe.policy.compute).name, "batch_size": b, "batch_edits": n_real,
-            "lora_final_loss": float(np.asarray(lora_losses)[-1, i]) if len(lora_losses) else None,
-        }
-        if p.request.source is not None:
-            config["input"] = p.request.source  # e.g. the EXIF orientation applied on reading
-        if generated:
-            config["generation"] = dataclasses.asdict(p.request.generation)
-            config["lora"] = None  # no LoRA on a generated image (as the reference UI)
-        if settings.interpolation:
-            config["interpolation"] = list(settings.interpolation)
-
-        def final_image(kind, value):
-            im, ok = extras[(kind, value)]
-            im = im[i]
-            if not ok[i]:
-                return None
-            if im.shape[:2] != p.in_hw:
-                im = np.asarray(Image.fromarray(im).resize((p.in_hw[1], p.in_hw[0]), Image.BILINEAR))
-            return im
-        interp = [(float(a), final_image("alpha", a)) for a in settings.interpolation]
-        interp = [] if any(im is None for _, im in interp) else interp
-        snaps = [{"max_iters": cap, "iterations": int(st.snap_it[i, s]),
-                  "reached": bool(np.all(np.linalg.norm(p.targets - st.snap_handles[i, s, :k], axis=-1) < STOP_DISTANCE)),
-                  "handles": p.to_pixels(st.snap_handles[i, s, :k]), "image": final_image("iters", cap)}
-                 for s, cap in enumerate(cfg.snapshots)]
-        failure = None
-        if bool(st.failed[i]):
-            from ..drag import FAILURES
-
-            failure = {"diverged": {"iteration": int(st.fail_it[i]), "what": FAILURES[int(st.fail_what[i])]}}
-            img = None
-        elif not finite:
-            failure = {"diverged": {"iteration": int(st.it[i]), "what": "denoise"}}
-            img = None
-        results.append(io.EditResult(
-            name=p.request.name, image=img, failure=failure,
-            handles=p.to_pixels(st.handles[i, :k]), targets=p.to_pixels(p.targets),
-            initial_handles=p.to_pixels(p.handles), trajectory=p.to_pixels(st.traj[i, :max(n_traj, 1), :k]),
-            iterations=int(st.it[i]), reached=bool(reached[i]),
-            losses=[float(v) for v in st.losses[i, :int(st.it[i])]],
-            timings={**timings, **{f"compile_{k_}": v for k_, v in compile_s.items()}},
-            config=config, interpolation=interp if failure is None else [],
-            snapshots=snaps if failure is None else []))
-    return results
+    return out, np.asarray(z_edit), extras
 
 
 def _denoise_plan(pipe: Pipeline, cfg: DragConfig, settings: EditSettings, zt, c0, inputs, state) -> dict:
     """The keyword arguments of ``pipe.denoise`` (all but the LoRAs) for the denoising after the
-    drag, per host: the pair [z*, ẑ] on [c, ĉ] with mutual self-attention (DragDiffusion,
-    CLIPDrag, FreeDrag); GoodDrag from where its drag phase stopped, the source branch from the
-    original trajectory there; DragNoise from [z*, z*] with the optimised bottleneck in both rows
-    for the first K − end_step steps, without mutual self-attention (§7)."""
-    strength = settings.inversion_strength
-    if cfg.host == "gooddrag":
-        _, pre = inputs
-        z_src = jnp.take_along_axis(pre.zs, state.j[:, None, None, None, None], axis=1)[:, 0]
-        return dict(z_src=z_src, z_edit=state.z, c_src=c0, c_edit=state.c_out, strength=strength,
-                    reference=settings.reference_attention, start=state.j)
-    if cfg.host == "dragnoise":
-        k = round(strength * pipe.schedule.num_inference_steps)
-        return dict(z_src=zt, z_edit=zt, c_src=c0, c_edit=state.c, strength=strength, reference=False,
-                    mid=state.z, mid_steps=max(0, k - cfg.end_step))
-    return dict(z_src=zt, z_edit=state.z, c_src=c0, c_edit=state.c, strength=strength,
-                reference=settings.reference_attention)
+    drag: the host's plan (``Host.denoise_plan``)."""
+    return drag_host(cfg.host).denoise_plan(cfg, zt, c0, inputs, state, strength=settings.inversion_strength,
+                                            reference=settings.reference_attention,
+                                            steps=pipe.schedule.num_inference_steps)
 
 
 def _lerp(a, b, alpha: float):
@@ -346,23 +304,19 @@ def _extra_denoise_plans(pipe: Pipeline, cfg: DragConfig, settings: EditSettings
     step, DragNoise's bottleneck at (z*, c); c) and after it (ẑ, ĉ); α = 0 is the reconstruction
     (what a drag that moves nothing gives), α = 1 the edit, α > 1 extrapolates.
     ("iters", cap) — the snapshot of (z, ĉ) at an iteration cap (``cfg.snapshots``)."""
+    host = drag_host(cfg.host)
+    var = host.variable
     if settings.interpolation:
-        var, start = ("mid", None) if cfg.host == "dragnoise" else ("z_edit", plan["z_src"])
-        if cfg.host == "dragnoise":  # the bottleneck before the drag: the mid-block output at (z*, c)
+        start = plan["z_src"]
+        if host.variable_start is not None:  # e.g. DragNoise's bottleneck at (z*, c)
             nets = pipe.drag_networks(settings.clip_double_unit_map, settings.remat)
-            fn = pipe._j("bottleneck", jax.vmap(nets.bottleneck, in_axes=(None, 0, 0, 0, None)))
+            fn = pipe._j(f"variable_start_{host.name}_{settings.remat}_{settings.clip_double_unit_map}",
+                         jax.vmap(lambda *a: host.variable_start(nets, *a), in_axes=(None, 0, 0, 0, None)))
             start = fn(shared, loras, zt, c0, jnp.int32(t_star))
         for a in settings.interpolation:
             yield "alpha", a, {**plan, var: _lerp(start, plan[var], a), "c_edit": _lerp(plan["c_src"], plan["c_edit"], a)}
-    var = "mid" if cfg.host == "dragnoise" else "z_edit"
     for s, cap in enumerate(cfg.snapshots):
         yield "iters", cap, {**plan, var: state.snap_z[:, s], "c_edit": state.snap_c[:, s]}
-
-
-def _cfg_dict(cfg: DragConfig) -> dict:
-    return {f: (getattr(cfg, f) if f != "schedule" else vars(cfg.schedule))
-            for f in cfg.__dataclass_fields__ if f != "schedule"} | {
-        "num_inference_steps": cfg.schedule.num_inference_steps}
 
 
 def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hypers: dict,
@@ -375,14 +329,9 @@ def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hyper
     assuming the per-edit part grows linearly with the batch (vmapped stages). Returns (batch
     per device ≥ 1, {stage: {"shared", "edit"} bytes})."""
     settings = settings.for_method(settings.method)  # fields left None: the method's defaults
-    st = pipe.stages
-    st.measured = {}
-    mesh, st.mesh = st.mesh, None  # measure one device's program
-    try:
-        _run_group(pipe, [p], replace(settings, batch_size=1), cfg, [hypers], False, batch=1, n_pairs=n_pairs)
-        measured = dict(st.measured)
-    finally:
-        st.measured, st.mesh = None, mesh
+    probe = pipe.measuring()  # one device's programs, measured, not run; ``pipe`` unchanged
+    _run_group(probe, [p], replace(settings, batch_size=1), cfg, [hypers], False, batch=1, n_pairs=n_pairs)
+    measured = dict(probe.stages.measured)
     budget = settings.memory_fraction * pipe.device_memory()
     weights = pipe.weight_bytes()  # resident once, whatever the batch
     per_edit = max(max(m["edit"] for m in measured.values()), 1)

@@ -4,6 +4,8 @@ text-to-image generation; ``load_pipeline``."""
 
 from __future__ import annotations
 
+import copy
+
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -147,6 +149,14 @@ class Pipeline:
         later edit compiles again (from the persistent compilation cache when it is on)."""
         self.stages.clear()
         self._jit.clear()
+
+    def measuring(self) -> "Pipeline":
+        """A view of this pipeline for memory planning (``plan_batch``): the same networks and
+        compiled programs, its stages measuring one device's programs (``Stages.measuring``)
+        instead of running them, no LoRA cache. This pipeline is not changed."""
+        view = copy.copy(self)
+        view.stages, view.lora_cache = self.stages.measuring(), None
+        return view
 
     def enable_lora_cache(self, enabled: bool = True) -> None:
         """Keep every trained LoRA (in memory) and reuse it when the same image is edited again

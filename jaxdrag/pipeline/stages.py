@@ -4,6 +4,7 @@ measured for memory planning; and the progress plumbing (``Bar``, ``ProgressRela
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable
 
@@ -84,8 +85,16 @@ class Stages:
         # several devices: stages run under ``shard_map`` over the edit axis (``use_devices``)
         self.mesh: jax.sharding.Mesh | None = None
         self._sharded: dict = {}
-        # measure mode (``plan_batch``): compile, record each stage's memory, return zeros
+        # a measuring view (``measuring``, for ``plan_batch``): compile, record each stage's memory, return zeros
         self.measured: dict[str, dict] | None = None
+
+    def measuring(self) -> "Stages":
+        """A view of this cache for memory planning: the same compiled programs and counters,
+        one device's programs (no mesh), and every call records its stage's memory in the view's
+        ``measured`` and returns zeros instead of running. This object is not changed."""
+        view = copy.copy(self)
+        view.mesh, view.measured, view.last_compile_s = None, {}, {}
+        return view
 
     def export_for(self, platform: str | None) -> None:
         """``platform`` ("cuda", "tpu", …): from now on export stages for it instead of running
