@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--peer-timeout", type=float, default=120.0,
                    help="with --distributed: seconds without a heartbeat after which process 0 declares a peer "
                         "lost and writes the summary without it (default 120)")
+    r.add_argument("--compile-workers", type=int, default=2,
+                   help="threads compiling the programs of the next shape groups while the current one runs "
+                        "(0: compile each when first needed)")
+    r.add_argument("--compile-only", action="store_true",
+                   help="compile (into the persistent compilation cache) every program the run needs, run no "
+                        "edit, and report programs, compile seconds summed and wall time")
     add_model_options(r)
     add_drag_options(r)
     r.set_defaults(fn=cmd_run)

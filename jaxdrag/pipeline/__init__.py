@@ -18,6 +18,6 @@ from __future__ import annotations
 from .pixels import tree_bytes, pool_matrix, adaptive_avg_pool, clip_pixels, bilinear_resize, to_uint8, Array, CLIP_MEAN, CLIP_STD
 from .stages import ProgressRelay, Bar, Stages, CUDNN_TARGETS
 from .networks import LoRASettings, check_remat, Pipeline, load_pipeline
-from .editing import EditSettings, pow2_bucket, plan_batch, edit_batch, edit
+from .editing import EditSettings, pow2_bucket, plan_batch, edit_batch, edit, compile_for
 
-__all__ = ["tree_bytes", "pool_matrix", "adaptive_avg_pool", "clip_pixels", "bilinear_resize", "to_uint8", "Array", "CLIP_MEAN", "CLIP_STD", "ProgressRelay", "Bar", "Stages", "CUDNN_TARGETS", "LoRASettings", "check_remat", "Pipeline", "load_pipeline", "EditSettings", "pow2_bucket", "plan_batch", "edit_batch", "edit"]
+__all__ = ["tree_bytes", "pool_matrix", "adaptive_avg_pool", "clip_pixels", "bilinear_resize", "to_uint8", "Array", "CLIP_MEAN", "CLIP_STD", "ProgressRelay", "Bar", "Stages", "CUDNN_TARGETS", "LoRASettings", "check_remat", "Pipeline", "load_pipeline", "EditSettings", "pow2_bucket", "plan_batch", "edit_batch", "edit", "compile_for"]

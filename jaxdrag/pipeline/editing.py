@@ -244,6 +244,9 @@ def _drag(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, 
             jnp.asarray(keep), jnp.asarray(token_mask, jnp.float32), et,
             jnp.full((b,), t_star, jnp.int32), hyp)
     inputs, state = timed("drag_prepare", pipe.stages, "drag_prepare", prep, *args)
+    if pipe.stages.measured is not None:  # a compiling view: the loop does not run (and the relay,
+        # shared with the pipeline, may be serving a real run in another thread)
+        return shared, inputs, timed("drag", pipe.stages, "drag", loop, shared, start["loras"], inputs, state)
     pipe.progress_relay.target = cb if dbar is not None else None
     try:
         state = timed("drag", pipe.stages, "drag", loop, shared, start["loras"], inputs, state)
@@ -338,26 +341,53 @@ def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hyper
     return max(1, int((budget - weights) // per_edit)), measured
 
 
-def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
-               settings: EditSettings | None = None, progress: bool | Callable[[str, int, int], None] = False,
-               on_result: Callable[[int, Any], None] | None = None,
-               on_error: Callable[[list[int], Exception], None] | None = None, **overrides) -> list:
-    """Run many edits: requests are grouped by working shape and each group runs as vmapped
-    batches of one fixed size, b = min(``settings.batch_size``, the group's size rounded up to
-    a power of two), the last one padded with dummy edits, and the handle slots padded to the
-    group's largest count rounded up to a power of two — so each stage compiles at most once per
-    working shape. Between groups, compiled programs are released once more than
-    ``pipe.max_live_programs`` are held (a run of any length keeps bounded memory).
+def _batch_plans(pipe: Pipeline, prepared: list, settings: EditSettings, cfg: DragConfig, hyp: dict) -> list:
+    """The batches of a run: [(indices of the group, batch size b, handle slots)] per shape
+    group, in run order. Edits group by working shape (and a generation's guidance); each group
+    runs as batches of one size b = min(batch_size, the group's size rounded up to a power of
+    two), handle slots = the group's largest count rounded up to a power of two."""
+    from .. import data as io
 
-    ``progress``: True shows tqdm bars; a callable gets ``(stage, done, total)`` for the stages
-    "lora", "drag" (latent updates) and "denoise" of each batch (a UI's progress bar).
+    groups: dict = {}
+    for i, p in enumerate(prepared):
+        g = p.request.generation
+        gen_key = None if g is None else (g.guidance_scale, g.negative_prompt)
+        groups.setdefault((io.bucket_key(p), gen_key), []).append(i)
+    plans = []
+    for key in sorted(groups, key=lambda k: (k[0], repr(k[1]))):
+        idx = groups[key]
+        n_pairs = pow2_bucket(max(len(prepared[i].handles) for i in idx))
+        limit = settings.batch_size
+        if limit == "auto":
+            per_device, _ = plan_batch(pipe, prepared[idx[0]], settings, cfg, hyp, n_pairs)
+            limit = per_device * pipe.n_devices
+        b = min(limit, pow2_bucket(len(idx)))
+        b = -(-b // pipe.n_devices) * pipe.n_devices  # an equal share for every device
+        plans.append((idx, b, n_pairs))
+    return plans
 
-    Returns ``EditResult``s in request order. ``on_result(i, result)`` is called as each batch
-    finishes (write results as they come); with ``on_error(indices, exception)`` a batch that
-    raises is reported there and the others still run (its results stay None). ``overrides``:
-    drag settings (``methods.resolve`` names, e.g. ``max_iters=40``, ``latent_lr=0.02``); a
-    request's own ``hypers`` override the continuous ones for that edit. Raises RequestError
-    naming the first bad request."""
+
+def _edit_hypers(prepared: list, chunk: list[int], hyp: dict) -> list[dict]:
+    """Each edit's continuous settings: the method's, overridden by the request's own."""
+    return [{**hyp, **{k: float(v) for k, v in prepared[i].request.hypers.items()}} for i in chunk]
+
+
+def _compile_group(pipe: Pipeline, prepared: list, plan: tuple, settings: EditSettings, cfg: DragConfig,
+                   hyp: dict, progress) -> None:
+    """Compile every program one batch of ``plan`` needs, without running it: the batch walked
+    through a compiling view of ``pipe`` (outputs are zeros of the right shapes). The programs
+    land in ``pipe``'s cache (and the persistent cache when it is on)."""
+    idx, b, n_pairs = plan
+    chunk = idx[:b]
+    silent = (lambda *a: None) if progress else False  # the same programs as a run with progress
+    _run_group(pipe.measuring(one_device=False), [prepared[i] for i in chunk], settings, cfg,
+               _edit_hypers(prepared, chunk, hyp), silent, batch=b, n_pairs=n_pairs)
+
+
+def _prepare_requests(pipe: Pipeline, requests: Sequence, method: str, settings: EditSettings | None,
+                      overrides: dict) -> tuple:
+    """Checks and prepares the requests of a run: (cfg, continuous settings, settings, prepared
+    edits). Raises RequestError naming the first bad request."""
     from .. import data as io
     from ..drag.methods import HYPER_KEYS, check_hypers, resolve, valid_settings
     from ..errors import SettingsError
@@ -389,39 +419,101 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
             prepared.append(io.prepare(r, width, native))
         else:  # the generation's own size and latent at t*
             prepared.append(replace(io.prepare(r, None, native), z_start=z_start))
-    groups: dict = {}
-    for i, p in enumerate(prepared):
-        g = p.request.generation
-        gen_key = None if g is None else (g.guidance_scale, g.negative_prompt)
-        groups.setdefault((io.bucket_key(p), gen_key), []).append(i)
+    return cfg, hyp, settings, prepared
+
+
+def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
+               settings: EditSettings | None = None, progress: bool | Callable[[str, int, int], None] = False,
+               on_result: Callable[[int, Any], None] | None = None,
+               on_error: Callable[[list[int], Exception], None] | None = None, compile_workers: int = 0,
+               **overrides) -> list:
+    """Run many edits: requests are grouped by working shape and each group runs as vmapped
+    batches of one fixed size, b = min(``settings.batch_size``, the group's size rounded up to
+    a power of two), the last one padded with dummy edits, and the handle slots padded to the
+    group's largest count rounded up to a power of two — so each stage compiles at most once per
+    working shape. Between groups, compiled programs are released once more than
+    ``pipe.max_live_programs`` are held (a run of any length keeps bounded memory).
+
+    ``compile_workers`` > 0: the programs of the next groups are compiled ahead in that many
+    threads while the current group runs (XLA compiles without the GIL); the results are the
+    same as without.
+
+    ``progress``: True shows tqdm bars; a callable gets ``(stage, done, total)`` for the stages
+    "lora", "drag" (latent updates) and "denoise" of each batch (a UI's progress bar).
+
+    Returns ``EditResult``s in request order. ``on_result(i, result)`` is called as each batch
+    finishes (write results as they come); with ``on_error(indices, exception)`` a batch that
+    raises is reported there and the others still run (its results stay None). ``overrides``:
+    drag settings (``methods.resolve`` names, e.g. ``max_iters=40``, ``latent_lr=0.02``); a
+    request's own ``hypers`` override the continuous ones for that edit. Raises RequestError
+    naming the first bad request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, hyp, settings, prepared = _prepare_requests(pipe, requests, method, settings, overrides)
+    plans = _batch_plans(pipe, prepared, settings, cfg, hyp)
     results: list = [None] * len(prepared)
-    for key in sorted(groups, key=lambda k: (k[0], repr(k[1]))):
-        idx = groups[key]
-        n_pairs = pow2_bucket(max(len(prepared[i].handles) for i in idx))
-        limit = settings.batch_size
-        if limit == "auto":
-            per_device, _ = plan_batch(pipe, prepared[idx[0]], settings, cfg, hyp, n_pairs)
-            limit = per_device * pipe.n_devices
-        b = min(limit, pow2_bucket(len(idx)))
-        b = -(-b // pipe.n_devices) * pipe.n_devices  # an equal share for every device
-        for s in range(0, len(idx), b):
-            chunk = idx[s:s + b]
-            hps = [{**hyp, **{k: float(v) for k, v in prepared[i].request.hypers.items()}} for i in chunk]
-            try:
-                outs = _run_group(pipe, [prepared[i] for i in chunk], settings, cfg, hps, progress,
-                                  batch=b, n_pairs=n_pairs)
-            except Exception as e:  # noqa: BLE001 - reported per batch when the caller asks
-                if on_error is None:
-                    raise
-                on_error(chunk, e)
-                continue
-            for i, o in zip(chunk, outs):
-                results[i] = o
-                if on_result is not None:
-                    on_result(i, o)
-        if pipe.stages.live > pipe.max_live_programs:
-            pipe.release_compiled()
+    pool = ThreadPoolExecutor(compile_workers, thread_name_prefix="compile") if compile_workers > 0 else None
+    ahead: dict[int, Any] = {}
+
+    def submit_ahead(g: int) -> None:  # groups g .. g + workers compiling (or compiled)
+        for k in range(g, min(g + compile_workers, len(plans))):
+            if k not in ahead:
+                ahead[k] = pool.submit(_compile_group, pipe, prepared, plans[k], settings, cfg, hyp, progress)
+    try:
+        for g, (idx, b, n_pairs) in enumerate(plans):
+            if pool is not None:
+                submit_ahead(g + 1)  # this group's own programs: compiled here if not ahead
+            for s in range(0, len(idx), b):
+                chunk = idx[s:s + b]
+                try:
+                    outs = _run_group(pipe, [prepared[i] for i in chunk], settings, cfg,
+                                      _edit_hypers(prepared, chunk, hyp), progress, batch=b, n_pairs=n_pairs)
+                except Exception as e:  # noqa: BLE001 - reported per batch when the caller asks
+                    if on_error is None:
+                        raise
+                    on_error(chunk, e)
+                    continue
+                for i, o in zip(chunk, outs):
+                    results[i] = o
+                    if on_result is not None:
+                        on_result(i, o)
+            if pipe.stages.live > pipe.max_live_programs:
+                if pool is not None:  # what is compiling ahead lands before the release
+                    for k in list(ahead):
+                        ahead[k].exception()
+                pipe.release_compiled()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return results
+
+
+def compile_for(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
+                settings: EditSettings | None = None, workers: int = 2, progress: bool = False,
+                **overrides) -> dict:
+    """Compile every program that ``edit_batch`` would need for these requests, in ``workers``
+    threads, without running any edit (with the persistent compilation cache on, a later run —
+    in any process — loads them instead of compiling). Returns {"groups", "programs" (compiled
+    now), "compile_s" (summed over programs), "wall_s", "failed": {group index: error}}.
+    ``progress``: compile the programs of a run that shows progress (they differ)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    n0, s0 = sum(pipe.stages.compiles.values()), sum(pipe.stages.compile_s.values())
+    cfg, hyp, settings, prepared = _prepare_requests(pipe, requests, method, settings, overrides)
+    plans = _batch_plans(pipe, prepared, settings, cfg, hyp)
+    failed = {}
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="compile") as pool:
+        futures = [pool.submit(_compile_group, pipe, prepared, plan, settings, cfg, hyp, progress)
+                   for plan in plans]
+        for g, f in enumerate(futures):
+            if f.exception() is not None:
+                failed[g] = f"{type(f.exception()).__name__}: {f.exception()}"
+            if pipe.stages.live > pipe.max_live_programs:  # bounded memory over a whole dataset
+                pipe.stages.clear()
+    return {"groups": len(plans), "programs": sum(pipe.stages.compiles.values()) - n0,
+            "compile_s": round(sum(pipe.stages.compile_s.values()) - s0, 2),
+            "wall_s": round(time.perf_counter() - t0, 2), "failed": failed}
 
 
 def _generate_images(pipe: Pipeline, requests: Sequence, settings: EditSettings) -> tuple[list, list]:

@@ -5,6 +5,7 @@ text-to-image generation; ``load_pipeline``."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import os
 from dataclasses import dataclass, field, replace
@@ -97,6 +98,9 @@ class Pipeline:
     def __post_init__(self):
         self.stages = Stages()
         self._jit: dict = {}
+        # jitted functions are made once even when stages are compiled from several threads
+        # (``editing.compile_ahead``): a second maker of the same function would compile it again
+        self._jit_lock = threading.RLock()
         # per-image LoRAs reused by later edits of the same image, prompt, seed and LoRA settings
         # (``enable_lora_cache``); None = off
         self.lora_cache: dict | None = None
@@ -150,12 +154,13 @@ class Pipeline:
         self.stages.clear()
         self._jit.clear()
 
-    def measuring(self) -> "Pipeline":
-        """A view of this pipeline for memory planning (``plan_batch``): the same networks and
-        compiled programs, its stages measuring one device's programs (``Stages.measuring``)
-        instead of running them, no LoRA cache. This pipeline is not changed."""
+    def measuring(self, one_device: bool = True) -> "Pipeline":
+        """A view of this pipeline whose stages compile and measure instead of running
+        (``Stages.measuring``): memory planning (``plan_batch``, one device's programs) and
+        compiling ahead (``compile_ahead``, this pipeline's programs). The same networks and
+        compiled programs, no LoRA cache. This pipeline is not changed."""
         view = copy.copy(self)
-        view.stages, view.lora_cache = self.stages.measuring(), None
+        view.stages, view.lora_cache = self.stages.measuring(one_device), None
         return view
 
     def enable_lora_cache(self, enabled: bool = True) -> None:
@@ -198,9 +203,10 @@ class Pipeline:
         return nnx.merge(self.clip.graphdef, params).text_embeds(ids)
 
     def _j(self, name, fn, **kw):
-        if name not in self._jit:
-            self._jit[name] = jax.jit(fn, **kw)
-        return self._jit[name]
+        with self._jit_lock:
+            if name not in self._jit:
+                self._jit[name] = jax.jit(fn, **kw)
+            return self._jit[name]
 
     # -------------------------------------------------------------- public network methods
     def encode_prompt(self, prompts: Sequence[str]) -> Array:
@@ -314,8 +320,9 @@ class Pipeline:
         while done < settings.steps:
             n = min(settings.chunk, settings.steps - done)
             key = ("lora", settings.batch, settings.remat, n, crop)  # lr and weight decay are traced
-            if key not in self._jit:
-                self._jit[key] = self._lora_chunk_fn(settings, n, crop)
+            with self._jit_lock:
+                if key not in self._jit:
+                    self._jit[key] = self._lora_chunk_fn(settings, n, crop)
             loras, opts, k_steps, l = self.stages("lora", self._jit[key], self.sd.unet.params, loras, opts,
                                                   k_steps, mean, std, ctx, lrs, wds)
             losses.append(l)
@@ -452,51 +459,52 @@ class Pipeline:
         (``shared["guide"]`` = {"uncond": (T, D), "scale": ()}); ε = ε_u + s·(ε_c − ε_u) and
         the features are [(1 − κ)·F_u, κ·F_c] along channels, κ = s/(2s − 1)."""
         key = ("nets", clip_double_unit_map, remat, text_block, guided)
-        if key not in self._jit:
-            fb = self.feature_block
-            n_up = len(self.sd.unet.cfg.block_out_channels)
-            if text_block is not None and not 0 <= text_block < n_up:
-                from ..errors import SettingsError
-                raise SettingsError(f"setting text_feature_block = {text_block}: this UNet has up blocks "
-                                    f"0..{n_up - 1}")
-            blocks = (fb,) if text_block is None else (fb, text_block)
+        with self._jit_lock:
+            if key not in self._jit:
+                fb = self.feature_block
+                n_up = len(self.sd.unet.cfg.block_out_channels)
+                if text_block is not None and not 0 <= text_block < n_up:
+                    from ..errors import SettingsError
+                    raise SettingsError(f"setting text_feature_block = {text_block}: this UNet has up blocks "
+                                        f"0..{n_up - 1}")
+                blocks = (fb,) if text_block is None else (fb, text_block)
 
-            def outputs(shared, eps, taps):
-                eps = eps.astype(jnp.float32)
-                feats = [taps["up"][b].astype(jnp.float32) for b in blocks]
-                if not guided:
-                    return (eps[0], *(f[0] for f in feats))
-                g = shared["guide"]["scale"]
-                k = g / (2.0 * g - 1.0)
-                return (eps[0] + g * (eps[1] - eps[0]),
-                        *(jnp.concatenate([(1.0 - k) * f[0], k * f[1]], axis=-1) for f in feats))
+                def outputs(shared, eps, taps):
+                    eps = eps.astype(jnp.float32)
+                    feats = [taps["up"][b].astype(jnp.float32) for b in blocks]
+                    if not guided:
+                        return (eps[0], *(f[0] for f in feats))
+                    g = shared["guide"]["scale"]
+                    k = g / (2.0 * g - 1.0)
+                    return (eps[0] + g * (eps[1] - eps[0]),
+                            *(jnp.concatenate([(1.0 - k) * f[0], k * f[1]], axis=-1) for f in feats))
 
-            def rows(shared, z, c):
-                if not guided:
-                    return z[None], c[None]
-                return jnp.stack([z, z]), jnp.stack([shared["guide"]["uncond"].astype(c.dtype), c])
+                def rows(shared, z, c):
+                    if not guided:
+                        return z[None], c[None]
+                    return jnp.stack([z, z]), jnp.stack([shared["guide"]["uncond"].astype(c.dtype), c])
 
-            def features(shared, edit, z, c, t):
-                x, ctx = rows(shared, z, c)
-                eps, taps = self.unet_apply(shared["unet"], edit, x, t, ctx, remat=remat)
-                return outputs(shared, eps, taps)
+                def features(shared, edit, z, c, t):
+                    x, ctx = rows(shared, z, c)
+                    eps, taps = self.unet_apply(shared["unet"], edit, x, t, ctx, remat=remat)
+                    return outputs(shared, eps, taps)
 
-            def clip_image(shared, x0):
-                img = self.vae_decode_apply(shared["vae"], x0[None])
-                return self.clip_image_apply(shared["clip"], img, clip_double_unit_map)[0]
+                def clip_image(shared, x0):
+                    img = self.vae_decode_apply(shared["vae"], x0[None])
+                    return self.clip_image_apply(shared["clip"], img, clip_double_unit_map)[0]
 
-            def features_mid(shared, edit, z, c, t, h):
-                eps, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None], mid_override=h[None],
-                                            remat=remat)
-                return outputs(shared, eps, taps)
+                def features_mid(shared, edit, z, c, t, h):
+                    eps, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None], mid_override=h[None],
+                                                remat=remat)
+                    return outputs(shared, eps, taps)
 
-            def bottleneck(shared, edit, z, c, t):
-                _, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None])
-                return taps["mid"][0].astype(jnp.float32)
+                def bottleneck(shared, edit, z, c, t):
+                    _, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None])
+                    return taps["mid"][0].astype(jnp.float32)
 
-            mid = (features_mid, bottleneck) if not guided else (None, None)
-            self._jit[key] = DragNetworks(features, clip_image if self.clip is not None else None, *mid)
-        return self._jit[key]
+                mid = (features_mid, bottleneck) if not guided else (None, None)
+                self._jit[key] = DragNetworks(features, clip_image if self.clip is not None else None, *mid)
+            return self._jit[key]
 
     def drag_runner(self, cfg: DragConfig, clip_double_unit_map: bool = False, progress: bool = False,
                     remat: str = "off", guided: bool = False):
@@ -504,10 +512,11 @@ class Pipeline:
         to ``self.progress_relay.target`` (set it before the call). ``guided``: see
         ``drag_networks`` (then ``shared_params`` must be given the guidance)."""
         key = ("runner", cfg, clip_double_unit_map, bool(progress), remat, guided)
-        if key not in self._jit:
-            nets = self.drag_networks(clip_double_unit_map, remat, cfg.text_feature_block, guided)
-            self._jit[key] = make_runner(nets, cfg, self.progress_relay if progress else None)
-        return self._jit[key]
+        with self._jit_lock:
+            if key not in self._jit:
+                nets = self.drag_networks(clip_double_unit_map, remat, cfg.text_feature_block, guided)
+                self._jit[key] = make_runner(nets, cfg, self.progress_relay if progress else None)
+            return self._jit[key]
 
     def shared_params(self, use_clip: bool, guide: dict | None = None):
         """The broadcast parameters of the drag step; ``guide`` = {"uncond": (T, D), "scale": ()}

@@ -5,6 +5,7 @@ measured for memory planning; and the progress plumbing (``Bar``, ``ProgressRela
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from typing import Callable
 
@@ -85,15 +86,22 @@ class Stages:
         # several devices: stages run under ``shard_map`` over the edit axis (``use_devices``)
         self.mesh: jax.sharding.Mesh | None = None
         self._sharded: dict = {}
+        # one compile per program when several threads ask for it (``editing.compile_ahead``):
+        # the second caller waits for the first's program
+        self._guard = threading.Lock()
+        self._compiling: dict[tuple, threading.Lock] = {}
         # a measuring view (``measuring``, for ``plan_batch``): compile, record each stage's memory, return zeros
         self.measured: dict[str, dict] | None = None
 
-    def measuring(self) -> "Stages":
-        """A view of this cache for memory planning: the same compiled programs and counters,
-        one device's programs (no mesh), and every call records its stage's memory in the view's
-        ``measured`` and returns zeros instead of running. This object is not changed."""
+    def measuring(self, one_device: bool = True) -> "Stages":
+        """A view of this cache that compiles without running: the same compiled programs and
+        counters; every call records its stage's memory in the view's ``measured`` and returns
+        zeros of its outputs. ``one_device``: one device's programs (memory planning) rather
+        than this object's (compiling ahead). This object is not changed."""
         view = copy.copy(self)
-        view.mesh, view.measured, view.last_compile_s = None, {}, {}
+        view.measured, view.last_compile_s = {}, {}
+        if one_device:
+            view.mesh = None
         return view
 
     def export_for(self, platform: str | None) -> None:
@@ -138,12 +146,13 @@ class Stages:
         n = self.mesh.size
         if any(np.ndim(x) == 0 or np.shape(x)[0] % n for x in jax.tree.leaves(args[1:])):
             return None
-        wrapped = self._sharded.get(fn)
-        if wrapped is None:
-            spec = (P(),) + (P("edits"),) * (len(args) - 1)
-            wrapped = jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=spec, out_specs=P("edits"),
-                                            check_vma=False))
-            self._sharded[fn] = wrapped
+        with self._guard:
+            wrapped = self._sharded.get(fn)
+            if wrapped is None:
+                spec = (P(),) + (P("edits"),) * (len(args) - 1)
+                wrapped = jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=spec, out_specs=P("edits"),
+                                                check_vma=False))
+                self._sharded[fn] = wrapped
         return wrapped
 
     def __call__(self, name: str, fn, *args):
@@ -156,16 +165,29 @@ class Stages:
             return self._export(("export", self.export_platform) + key, name, fn, *args)
         exe = self._cache.get(key)
         if exe is None:
-            t0 = time.perf_counter()
-            exe = fn.lower(*args).compile()
-            dt = time.perf_counter() - t0
-            self.last_compile_s[name] = self.last_compile_s.get(name, 0.0) + dt
-            self.compiles[name] = self.compiles.get(name, 0) + 1
-            self.compile_s[name] = self.compile_s.get(name, 0.0) + dt
-            self._cache[key] = exe
+            exe = self._compile(key, name, fn, args)
         if self.measured is not None:  # plan_batch: kept, it serves a planned batch of 1
             return self._measure(name, exe, args)
         return exe(*args)
+
+    def _compile(self, key: tuple, name: str, fn, args):
+        """Compile (once: a concurrent caller of the same key waits for this one) and cache."""
+        with self._guard:
+            lock = self._compiling.setdefault(key, threading.Lock())
+        with lock:
+            exe = self._cache.get(key)
+            if exe is not None:  # compiled by another thread meanwhile
+                return exe
+            t0 = time.perf_counter()
+            exe = fn.lower(*args).compile()
+            dt = time.perf_counter() - t0
+            with self._guard:
+                self.last_compile_s[name] = self.last_compile_s.get(name, 0.0) + dt
+                self.compiles[name] = self.compiles.get(name, 0) + 1
+                self.compile_s[name] = self.compile_s.get(name, 0.0) + dt
+                self._cache[key] = exe
+                self._compiling.pop(key, None)
+        return exe
 
     def _measure(self, name, exe, args):
         """Record the stage's memory (bytes): ``shared`` = its first argument (the weights,
@@ -185,7 +207,8 @@ class Stages:
         return len(self._cache)
 
     def clear(self) -> None:
-        self._cache.clear()
-        self._sharded.clear()
+        with self._guard:
+            self._cache.clear()
+            self._sharded.clear()
 
 
