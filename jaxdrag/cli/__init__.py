@@ -24,6 +24,7 @@ from .edit import cmd_edit, cmd_generate
 from .evaluate import cmd_eval
 from .options import add_drag_options, add_model_options, batch_size_arg, enable_compile_cache
 from .run import cmd_run
+from .sweep import cmd_sweep
 from .toybench import cmd_toybench
 from .ui import cmd_ui
 
@@ -101,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(t)
     add_drag_options(t, method=False)
     t.set_defaults(fn=cmd_toybench)
+
+    w = sub.add_parser("sweep", help="a method's settings over a grid on a dataset (or the toy world's tasks): "
+                                     "one LoRA per sample shared by the grid, evaluated, tabled and plotted")
+    w.add_argument("dataset", help="a DragBench or Drag100 folder, or 'toybench' (the toy world's tasks)")
+    w.add_argument("--grid", action="append", default=[], metavar="NAME=v1,v2,…",
+                   help="a swept setting and its values (repeat for a product); with --random NAME=lo:hi[:log]")
+    w.add_argument("--random", type=int, default=None, metavar="N",
+                   help="N points drawn from the --grid ranges instead of the product")
+    w.add_argument("--seed", type=int, default=0, help="the edits' seed, and --random's")
+    w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--tasks", type=int, default=16, help="toybench: number of tasks")
+    w.add_argument("--limit", type=int, default=None, help="a dataset's first N samples")
+    w.add_argument("--batch-size", type=int, default=8, help="edits per vmapped batch")
+    w.add_argument("--eval-lpips", type=Path, default=None, help="LPIPS weights: the LPIPS metric on a dataset")
+    w.add_argument("--eval-dift", type=Path, default=None, help="SD-2.1 weights: the DIFT mean distance (MD)")
+    w.add_argument("--eval-clip", type=Path, default=None, help="CLIP ViT-B/32 folder: the CLIP similarity")
+    w.add_argument("--quiet", action="store_true")
+    add_model_options(w)
+    add_drag_options(w)
+    w.set_defaults(fn=cmd_sweep)
 
     v = sub.add_parser("eval", help="DragBench metrics of a results folder: LPIPS, DIFT mean distance, "
                                     "LPIPS×MD, CLIP similarity, DAI (resumable)")

@@ -131,11 +131,22 @@ def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list,
         lora_losses = jnp.stack([cache[k][1] for k in cache_keys], axis=1)
         timings["lora"] = 0.0
         bar.set(settings.lora.steps)
-    else:
+    elif cache is None:
         loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora, bar.update)
-        if cache is not None:
-            for i, k in enumerate(cache_keys[:n_real]):
-                cache[k] = (jax.tree.map(lambda x: x[i], loras), lora_losses[:, i])
+        pipe.loras_trained += n_real
+    else:
+        # each missing LoRA trained once, however many edits of the batch share it (a sweep's grid
+        # points): the batch's rows are its distinct missing edits, padded to b with the first
+        missing = list(dict.fromkeys(k for k in cache_keys[:n_real] if k not in cache))
+        rows = [cache_keys.index(k) for k in missing]
+        rows = np.asarray(rows + rows[:1] * (b - len(rows)))
+        trained, losses = timed("lora", pipe.train_lora, lora_imgs[rows], c0[rows], keys[rows], settings.lora,
+                                bar.update)
+        for j, k in enumerate(missing):
+            cache[k] = (jax.tree.map(lambda x: x[j], trained), losses[:, j])
+        pipe.loras_trained += len(missing)
+        loras = jax.tree.map(lambda *xs: jnp.stack(xs), *[cache[k][0] for k in cache_keys])
+        lora_losses = jnp.stack([cache[k][1] for k in cache_keys], axis=1)
     bar.close()
     return loras, lora_losses
 

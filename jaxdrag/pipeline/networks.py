@@ -104,6 +104,7 @@ class Pipeline:
         # per-image LoRAs reused by later edits of the same image, prompt, seed and LoRA settings
         # (``enable_lora_cache``); None = off
         self.lora_cache: dict | None = None
+        self.loras_trained = 0  # per-edit LoRAs trained so far (a cached one is not trained again)
         self.progress_relay = ProgressRelay()
 
     def use_devices(self, devices: Sequence | None = None) -> int:
