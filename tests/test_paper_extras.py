@@ -33,14 +33,17 @@ def test_interpolation_endpoints(tiny_pipe, method, tmp_path):
     """α = 1 is the edit itself (bit for bit), α = 0 the result of a drag that moves nothing (the
     reconstruction; DragNoise: its bottleneck at (z*, c)), α in between and beyond differs from
     both; the strip and the report are written."""
-    st = EditSettings(lora=LoRASettings(steps=2), interpolation=(0, 0.5, 1, 1.5))
-    img = image(1)
-    r = jaxdrag.edit(tiny_pipe, img, PTS, "x", method=method, settings=st, max_iters=3)
+    # the suite's standard setting (96×128, 4 LoRA steps, 4 iterations, one pair: test_pipeline's
+    # programs; the interpolated images reuse the edit's denoise program)
+    st = EditSettings(lora=LoRASettings(steps=4), interpolation=(0, 0.5, 1, 1.5))
+    img = image(1, (96, 128))
+    r = jaxdrag.edit(tiny_pipe, img, PTS, "x", method=method, settings=st, max_iters=4)
     assert [a for a, _ in r.interpolation] == [0.0, 0.5, 1.0, 1.5]
     ims = dict(r.interpolation)
-    assert r.iterations == 3
+    assert r.iterations == 4
     np.testing.assert_array_equal(ims[1.0], r.image)
-    noop = jaxdrag.edit(tiny_pipe, img, [(20, 20), (20, 20)], "x", method=method, settings=FAST, max_iters=3)
+    noop = jaxdrag.edit(tiny_pipe, img, [(20, 20), (20, 20)], "x", method=method,
+                        settings=EditSettings(lora=LoRASettings(steps=4)), max_iters=4)
     assert noop.iterations == 0
     np.testing.assert_array_equal(ims[0.0], noop.image)
     for a in (0.5, 1.5):
@@ -50,8 +53,8 @@ def test_interpolation_endpoints(tiny_pipe, method, tmp_path):
     write_result(r, tmp_path)
     from PIL import Image
     strip = np.asarray(Image.open(tmp_path / "interpolation.png"))
-    assert strip.shape == (64 + 16, 4 * 64 + 3 * 4, 3)
-    np.testing.assert_array_equal(strip[:64, 2 * 68:2 * 68 + 64], r.image)
+    assert strip.shape == (96 + 16, 4 * 128 + 3 * 4, 3)
+    np.testing.assert_array_equal(strip[:96, 2 * 132:2 * 132 + 128], r.image)
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["interpolation"] == {"alphas": [0.0, 0.5, 1.0, 1.5], "strip": "interpolation.png"}
 
