@@ -45,3 +45,24 @@ def shared_data(*parts) -> Path:
     if not p.exists():
         pytest.skip(f"{p} not present")
     return p
+
+
+@pytest.fixture(scope="session")
+def readme_demo(tmp_path_factory):
+    """``jaxdrag demo`` exactly as the README gives it, once, in a fresh process (writing
+    ./demo_out in a temporary folder) with the session's persistent XLA cache: (the printed
+    summary, the demo_out folder). The README test and the toy model's DragText test read it."""
+    import json
+    import shutil
+    import subprocess
+
+    import jax
+
+    cwd = tmp_path_factory.mktemp("demo")
+    exe = shutil.which("jaxdrag") or f"{sys.executable} -m jaxdrag.cli"
+    env = {k: v for k, v in os.environ.items() if k != "JAXDRAG_COMPILE_CACHE"}
+    env["JAXDRAG_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    proc = subprocess.run(f"{exe} demo", shell=True, cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), cwd / "demo_out"

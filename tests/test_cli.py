@@ -4,9 +4,6 @@ Drag100 layout, and the README's demo command."""
 import json
 import os
 import pickle
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,24 +162,16 @@ def test_drag100_layout(tmp_path):
     assert len(s) == 100 and s[0].load().image.shape[2] == 3
 
 
-def test_readme_demo_command(tmp_path):
+def test_readme_demo_command(readme_demo):
     """The demo exactly as the README gives it, in a fresh process (writes ./demo_out)."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "jaxdrag demo" in readme
-    exe = shutil.which("jaxdrag") or f"{sys.executable} -m jaxdrag.cli"
-    # the session's persistent XLA cache: the demo's programs are the ones test_toy_model runs
-    import jax
-    env = {k: v for k, v in os.environ.items() if k != "JAXDRAG_COMPILE_CACHE"}
-    env["JAXDRAG_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-    proc = subprocess.run(f"{exe} demo", shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
+    out, demo_out = readme_demo
     for f in ("input.png", "edited.png", "overlay.png", "side_by_side.png", "report.json"):
-        assert (tmp_path / "demo_out" / f).exists()
+        assert (demo_out / f).exists()
     assert 0 < out["iterations"] <= 80  # the default cap; the handle cannot reach a 20 px drag at once
     if out["model"] == "toy":  # the committed trained model: the measured edit is reported
         assert out["measured"]["drag"] == [[20, 0]] and "error" in out["measured"]
         assert out["measured"]["survived"] and out["measured"]["rel_error"] < 0.8  # measured 0.64 (test_toy_model)
-    rep = json.loads((tmp_path / "demo_out" / "report.json").read_text())
+    rep = json.loads((demo_out / "report.json").read_text())
     assert rep["config"]["lora"]["steps"] == 80 and rep["config"]["method"] == "dragtext"
