@@ -18,7 +18,7 @@ from .options import drag_overrides, edit_settings
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from ..data import RequestError, find_samples, is_done, validate, write_json, write_result
+    from ..data import find_samples, is_done, write_json, write_result
     from ..drag.methods import resolve
     from ..pipeline import edit_batch
 
@@ -55,16 +55,7 @@ def cmd_run(args) -> int:
     print(f"{len(samples)} samples, {len(samples) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
     failures: dict[str, str] = {}
     done = len(samples) - len(todo)
-    # read and check every sample before the model is loaded: bad ones are reported and skipped
-    loaded = []
-    for s in todo:
-        try:
-            req = s.load()
-            req.seed = args.seed
-            loaded.append((s, validate(req)))
-        except RequestError as e:
-            failures[s.name] = str(e)
-            print(f"skipped {s.name}: {e}", file=sys.stderr)
+    loaded = _read_samples(todo, args.seed, failures)
     stats: dict = {}
     ran: list[str] = []
     pipe = None
@@ -111,24 +102,7 @@ def cmd_run(args) -> int:
                    "failed": failures, **stats, "wall_s": round(time.perf_counter() - t_start, 1)}
         missing = []
         if nproc > 1:
-            summary.update(process=pid, ran=ran)
-            if coord is not None:
-                gathered = coord.wait(args.peer_timeout, log=lambda m: print(m, file=sys.stderr))
-                coord.close()
-                summary = cluster.merge(summary, gathered, {p: names[p::nproc] for p in range(nproc)}, n_all,
-                                        on_disk=lambda name: is_done(out / name))
-                missing = summary["missing"]
-                if missing:
-                    print(f"process 0: {len(missing)} sample(s) of lost processes not finished: "
-                          f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; rerun the same command "
-                          f"to complete them", file=sys.stderr)
-            elif not peer.send_summary(summary, give_up_after=args.peer_timeout):
-                alone = out / f"summary.process-{pid}.json"
-                write_json(alone, summary)
-                print(f"process {pid}: process 0 at {where.coordinator} did not take the summary within "
-                      f"{args.peer_timeout:g} s; wrote {alone}", file=sys.stderr)
-                missing = ["(summary not merged)"]
-            summary = summary if pid == 0 else None
+            summary, missing = _cluster_summary(args, where, coord, peer, summary, ran, names, out)
         if summary is not None:
             write_json(out / "summary.json", summary)
     print(json.dumps({"done": done, "failed": len(failures), "summary": str(out / "summary.json"),
@@ -163,3 +137,49 @@ def _compile_only(args, samples, cfg, settings) -> int:
     write_json(Path(args.out) / "compile.json", rep)
     print(json.dumps({k: rep[k] for k in ("groups", "programs", "compile_s", "wall_s")}))
     return 0 if not rep["failed"] else 1
+
+
+def _read_samples(todo, seed: int, failures: dict) -> list:
+    """Every sample read and checked before the model is loaded: [(sample, request)]; a bad one
+    is reported, recorded in ``failures`` and skipped."""
+    from ..data import RequestError, validate
+
+    loaded = []
+    for s in todo:
+        try:
+            req = s.load()
+            req.seed = seed
+            loaded.append((s, validate(req)))
+        except RequestError as e:
+            failures[s.name] = str(e)
+            print(f"skipped {s.name}: {e}", file=sys.stderr)
+    return loaded
+
+
+def _cluster_summary(args, where, coord, peer, summary: dict, ran: list, names: list, out: Path):
+    """A distributed run's end: process 0 waits for its peers' summaries (or declares them lost)
+    and merges them; a peer sends its own (or writes it beside the results when process 0 does not
+    take it). Returns (the summary to write or None, the samples still missing)."""
+    from .. import cluster
+    from ..data import is_done, write_json
+
+    pid, nproc = where.pid, where.nproc
+    summary.update(process=pid, ran=ran)
+    missing = []
+    if coord is not None:
+        gathered = coord.wait(args.peer_timeout, log=lambda m: print(m, file=sys.stderr))
+        coord.close()
+        summary = cluster.merge(summary, gathered, {p: names[p::nproc] for p in range(nproc)}, len(names),
+                                on_disk=lambda name: is_done(out / name))
+        missing = summary["missing"]
+        if missing:
+            print(f"process 0: {len(missing)} sample(s) of lost processes not finished: "
+                  f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; rerun the same command "
+                  f"to complete them", file=sys.stderr)
+    elif not peer.send_summary(summary, give_up_after=args.peer_timeout):
+        alone = out / f"summary.process-{pid}.json"
+        write_json(alone, summary)
+        print(f"process {pid}: process 0 at {where.coordinator} did not take the summary within "
+              f"{args.peer_timeout:g} s; wrote {alone}", file=sys.stderr)
+        missing = ["(summary not merged)"]
+    return (summary if pid == 0 else None), missing
