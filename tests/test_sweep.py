@@ -79,7 +79,7 @@ def test_table_stats_pareto_by_hand():
 
 def test_sweep_points_equal_edits_alone_one_lora_per_sample_and_resume(tiny_pipe, tmp_path):
     pipe = copy.copy(tiny_pipe)  # its own LoRA cache and counters; the compiled programs shared
-    pipe.lora_cache, pipe.loras_trained = None, 0
+    pipe.lora_cache, pipe.loras_trained, pipe.inversions_run = None, 0, 0
     items = [Item("s0", EditRequest(_img(seed=1), [(30, 40), (50, 45), (80, 60), (70, 50)], "a gradient", seed=0)),
              Item("s1", EditRequest(_img(seed=2), [(20, 20), (30, 35), (100, 70), (90, 60)], "noise", seed=0))]
     points = grid.product(grid.parse_grid("dragtext", ["text_lam=0,1", "latent_lr=0.01,0.03"]))
@@ -110,6 +110,7 @@ def test_sweep_points_equal_edits_alone_one_lora_per_sample_and_resume(tiny_pipe
     again = sweep(pipe, items, "dragtext", points, out, dataset="test", settings=FAST, batch_size=4, base=BASE,
                   log=lambda s: None)
     assert again["cost"]["edits_run"] == 1 and again["cost"]["loras_trained"] == 0
+    assert again["cost"]["inversions_run"] == 0  # the sample's inversion is reused too
     # another grid in the same folder is refused
     with pytest.raises(SettingsError, match="holds a sweep of another"):
         sweep(pipe, items, "dragtext", points[:2], out, dataset="test", settings=FAST, base=BASE, log=lambda s: None)

@@ -202,6 +202,29 @@ def _prompts(pipe: Pipeline, group: list, cfg: DragConfig, timed) -> tuple:
     return c0, token_mask, et
 
 
+def _inverted(pipe: Pipeline, group: list, settings: EditSettings, loras, c0, n_real: int, timed,
+              timings: dict):
+    """The batch's latents at t* (B, h, w, 4): each image encoded and DDIM-inverted with its LoRA
+    — or, with the pipeline's cache on, taken from it when every edit's inversion is there (a
+    sweep's grid points of one sample in later batches and program groups: an inversion depends on
+    the image, its LoRA, the prompt and the strength, not on the drag settings)."""
+    import hashlib
+
+    cache = pipe.lora_cache
+    keys = [("inversion", _lora_key(p, settings.lora), hashlib.sha1(np.ascontiguousarray(p.image).tobytes()).hexdigest(),
+             float(settings.inversion_strength)) for p in group]
+    if cache is not None and all(k in cache for k in keys):
+        timings["encode"] = timings["invert"] = 0.0
+        return jnp.stack([cache[k] for k in keys])
+    z0 = timed("encode", pipe.encode_images, jnp.asarray(np.stack([p.image for p in group])))
+    zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
+    pipe.inversions_run += n_real
+    if cache is not None:
+        for i, k in enumerate(keys[:n_real]):
+            cache[k] = zt[i]
+    return zt
+
+
 def _start_latents(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, c0, n_real: int,
                    progress, timed, timings: dict) -> dict:
     """Where the drag starts: {"zt": the latents at t* (B, h, w, 4), "loras", "lora_losses"
@@ -211,10 +234,9 @@ def _start_latents(pipe: Pipeline, group: list, settings: EditSettings, cfg: Dra
     b = len(group)
     reqs = [p.request for p in group]
     if group[0].z_start is None:
-        z0 = timed("encode", pipe.encode_images, jnp.asarray(np.stack([p.image for p in group])))
         loras, lora_losses = _edit_loras(pipe, group, settings, reqs, c0, b, n_real, progress, timed, timings)
-        zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
-        return dict(zt=zt, loras=loras, lora_losses=lora_losses, guide=None, generated=False)
+        return dict(zt=_inverted(pipe, group, settings, loras, c0, n_real, timed, timings), loras=loras,
+                    lora_losses=lora_losses, guide=None, generated=False)
     loras = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape), zeros_lora(pipe.sd.unet.lora))
     guide = None
     gen = reqs[0].generation

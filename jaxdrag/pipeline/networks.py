@@ -105,6 +105,7 @@ class Pipeline:
         # (``enable_lora_cache``); None = off
         self.lora_cache: dict | None = None
         self.loras_trained = 0  # per-edit LoRAs trained so far (a cached one is not trained again)
+        self.inversions_run = 0  # per-edit DDIM inversions run so far (likewise)
         self.progress_relay = ProgressRelay()
 
     def use_devices(self, devices: Sequence | None = None) -> int:
@@ -165,8 +166,9 @@ class Pipeline:
         return view
 
     def enable_lora_cache(self, enabled: bool = True) -> None:
-        """Keep every trained LoRA (in memory) and reuse it when the same image is edited again
-        with the same prompt, seed and LoRA settings (e.g. by several methods, or in a UI)."""
+        """Keep every trained LoRA and DDIM inversion (in memory) and reuse them when the same
+        image is edited again with the same prompt, seed, LoRA settings (and, for the inversion,
+        strength): by several methods, the grid points of a sweep, or in a UI."""
         self.lora_cache = {} if enabled else None
 
     # -------------------------------------------------------------- network functions (pure)

@@ -7,8 +7,9 @@ the toy world, ``metrics.json`` (ToyBench's exact metrics); ``points/<id>/eval/`
 ``jaxdrag eval`` records on a real dataset; ``table.json`` / ``table.md`` and the pictures.
 
 Sharing: edits are ordered sample by sample, so the grid points of a sample fill the same
-batches; the pipeline's LoRA cache (on for a sweep) trains a sample's LoRA once — inside a
-batch too — and every grid point, in every later batch and program group, reuses it. Points
+batches; the pipeline's cache (on for a sweep) trains a sample's LoRA once — inside a batch
+too — and every grid point, in every later batch and program group, reuses it and the sample's
+inversion. Points
 that differ only in continuous settings (``DragHypers``: learning rates, λ, λ_t, …) share one
 program and one batch; those that change a compiled setting (an iteration cap, the timestep,
 the LoRA's steps, …) form groups run one after the other, each timed and counted.
@@ -102,13 +103,13 @@ def run_sweep(pipe, items: list[Item], method: str, points: list[dict], out: Pat
     for k, p in enumerate(points):
         _, comp, pip = G.split(p)
         groups.setdefault(json.dumps([comp, pip], sort_keys=True), []).append(k)
-    t_all, n0, run_edits, cost = time.perf_counter(), pipe.loras_trained, 0, []
+    t_all, n0, i0, run_edits, cost = time.perf_counter(), pipe.loras_trained, pipe.inversions_run, 0, []
     for key, ks in groups.items():
         comp, pip = json.loads(key)
         todo = [(it, k) for it in items for k in ks if not is_done(out / "points" / ids[k] / it.name)]
         g_settings = _group_settings(settings, pip)
         t0, c0 = time.perf_counter(), sum(pipe.stages.compiles.values())
-        l0 = pipe.loras_trained
+        l0, v0 = pipe.loras_trained, pipe.inversions_run
         log(f"[sweep] group {G.label({**comp, **pip}) or '(continuous settings only)'}: "
             f"{len(ks)} point(s), {len(todo)} edit(s) to run")
         for s in range(0, len(todo), batch_size):
@@ -133,10 +134,11 @@ def run_sweep(pipe, items: list[Item], method: str, points: list[dict], out: Pat
             run_edits += len(chunk)
             log(f"[sweep]   {min(s + batch_size, len(todo))}/{len(todo)}")
         cost.append({"settings": {**comp, **pip}, "points": len(ks), "edits": len(todo),
-                     "loras_trained": pipe.loras_trained - l0,
+                     "loras_trained": pipe.loras_trained - l0, "inversions_run": pipe.inversions_run - v0,
                      "programs_compiled": sum(pipe.stages.compiles.values()) - c0,
                      "wall_s": round(time.perf_counter() - t0, 1)})
     return {"groups": cost, "edits_run": run_edits, "loras_trained": pipe.loras_trained - n0,
+            "inversions_run": pipe.inversions_run - i0,
             "wall_s": round(time.perf_counter() - t_all, 1)}
 
 
