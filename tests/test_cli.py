@@ -53,6 +53,12 @@ def test_run_skips_bad_samples_and_resumes(tmp_path, capsys):
     (data / "cat" / "s1" / ".DS_Store").write_bytes(b"junk")
 
     args = ["run", str(data), "--out", str(out), "--method", "dragtext", "--batch-size", "1"] + FAST
+    # --compile-only: every program of the run compiled, no edit run (the bad samples skipped)
+    assert main(args + ["--compile-only"]) == 0
+    rep = json.loads((out / "compile.json").read_text())
+    assert rep["groups"] == 1 and rep["samples"] == 3 and set(rep["skipped"]) == {"cat/corrupt", "cat/evil"}
+    assert rep["programs"] >= 8 and rep["per_stage"]["drag"] == 1 and rep["failed"] == {}
+    assert not list(out.rglob("report.json"))
     assert main(args) == 1  # failures are reported in the exit status
     summary = json.loads((out / "summary.json").read_text())
     assert summary["total"] == 5 and summary["done"] == 3
