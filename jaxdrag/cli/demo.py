@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 from .models import default_models, demo_example, load_models
-from .options import drag_overrides, edit_settings
+from .options import add_drag_options, drag_overrides, edit_settings
 
 
 def cmd_demo(args) -> int:
@@ -58,3 +58,15 @@ def cmd_demo(args) -> int:
               f"spot {'found' if o['spot_found'] else 'lost'}), background PSNR {m['bg_psnr']:.1f} dB",
               file=sys.stderr)
     return 0
+
+
+def add_parser(sub) -> None:
+    """The `jaxdrag demo` options."""
+    p = sub.add_parser("demo", help="drag an object on a toy scene with the built-in toy model")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-compile-cache", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_drag_options(p)
+    p.set_defaults(fn=cmd_demo)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import SettingsError
 from .models import load_models, parse_points
-from .options import drag_overrides, edit_settings
+from .options import add_drag_options, add_model_options, drag_overrides, edit_settings
 
 
 def cmd_edit(args) -> int:
@@ -86,3 +86,36 @@ def cmd_generate(args) -> int:
     write_json(args.out / "generation.json", {"prompt": args.prompt, **dataclasses.asdict(gen)})
     print(json.dumps({"image": str(args.out / "generated.png"), "spec": str(args.out / "generation.json")}))
     return 0
+
+
+def add_edit_parser(sub) -> None:
+    """The `jaxdrag edit` options."""
+    p = sub.add_parser("edit", help="edit one image")
+    p.add_argument("image", type=Path, help="the image, or the generation.json of `jaxdrag generate` "
+                                            "(drag on the generated image's own latent, no inversion)")
+    p.add_argument("--points", required=True, help='pixels "x,y x,y …" alternating handle, target')
+    p.add_argument("--prompt", default="", help="description of the image")
+    p.add_argument("--edit-prompt", default=None, help="CLIPDrag's edit text (default: --prompt)")
+    p.add_argument("--mask", type=Path, default=None, help="mask image, nonzero = editable")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    add_model_options(p)
+    add_drag_options(p)
+    p.set_defaults(fn=cmd_edit)
+
+
+def add_generate_parser(sub) -> None:
+    """The `jaxdrag generate` options."""
+    p = sub.add_parser("generate", help="generate an image to drag on (DDIM-50 with guidance): "
+                                        "DIR/generated.png + DIR/generation.json for `jaxdrag edit`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--quiet", action="store_true")
+    add_model_options(p)
+    p.set_defaults(fn=cmd_generate)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import SettingsError
 from .models import load_models, local_devices
-from .options import drag_overrides, edit_settings
+from .options import add_drag_options, add_model_options, batch_size_arg, drag_overrides, edit_settings
 
 
 def cmd_run(args) -> int:
@@ -183,3 +183,37 @@ def _cluster_summary(args, where, coord, peer, summary: dict, ran: list, names: 
               f"{args.peer_timeout:g} s; wrote {alone}", file=sys.stderr)
         missing = ["(summary not merged)"]
     return (summary if pid == 0 else None), missing
+
+
+def add_parser(sub) -> None:
+    """The `jaxdrag run` options."""
+    p = sub.add_parser("run", help="edit every sample of a DragBench or Drag100 folder (resumable)")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=batch_size_arg, default=8,
+                   help="edits per vmapped batch (same working size), or 'auto': the largest batch whose "
+                        "every stage fits in device memory (XLA's memory analysis)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    p.add_argument("--only", nargs="*", default=None, help="only these sample names")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--devices", default="all",
+                   help="local devices to spread each batch over: all (default) or a count")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes/hosts: each takes every n-th sample; process 0 merges the "
+                        "summaries and survives a lost peer (jaxdrag.cluster)")
+    p.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed: process count")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
+    p.add_argument("--peer-timeout", type=float, default=120.0,
+                   help="with --distributed: seconds without a heartbeat after which process 0 declares a peer "
+                        "lost and writes the summary without it (default 120)")
+    p.add_argument("--compile-workers", type=int, default=2,
+                   help="threads compiling the programs of the next shape groups while the current one runs "
+                        "(0: compile each when first needed)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile (into the persistent compilation cache) every program the run needs, run no "
+                        "edit, and report programs, compile seconds summed and wall time")
+    add_model_options(p)
+    add_drag_options(p)
+    p.set_defaults(fn=cmd_run)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import SettingsError
 from .models import load_models
-from .options import drag_overrides, edit_settings
+from .options import add_drag_options, add_model_options, drag_overrides, edit_settings
 
 
 def cmd_sweep(args) -> int:
@@ -61,3 +61,26 @@ def cmd_sweep(args) -> int:
     print(json.dumps({"points": len(points), "samples": len(items), **{k: res["cost"][k] for k in
                       ("edits_run", "loras_trained", "wall_s")}, "table": str(Path(args.out) / "table.json")}))
     return 0
+
+
+def add_parser(sub) -> None:
+    """The `jaxdrag sweep` options."""
+    p = sub.add_parser("sweep", help="a method's settings over a grid on a dataset (or the toy world's tasks): "
+                                     "one LoRA per sample shared by the grid, evaluated, tabled and plotted")
+    p.add_argument("dataset", help="a DragBench or Drag100 folder, or 'toybench' (the toy world's tasks)")
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=v1,v2,…",
+                   help="a swept setting and its values (repeat for a product); with --random NAME=lo:hi[:log]")
+    p.add_argument("--random", type=int, default=None, metavar="N",
+                   help="N points drawn from the --grid ranges instead of the product")
+    p.add_argument("--seed", type=int, default=0, help="the edits' seed, and --random's")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tasks", type=int, default=16, help="toybench: number of tasks")
+    p.add_argument("--limit", type=int, default=None, help="a dataset's first N samples")
+    p.add_argument("--batch-size", type=int, default=8, help="edits per vmapped batch")
+    p.add_argument("--eval-lpips", type=Path, default=None, help="LPIPS weights: the LPIPS metric on a dataset")
+    p.add_argument("--eval-dift", type=Path, default=None, help="SD-2.1 weights: the DIFT mean distance (MD)")
+    p.add_argument("--eval-clip", type=Path, default=None, help="CLIP ViT-B/32 folder: the CLIP similarity")
+    p.add_argument("--quiet", action="store_true")
+    add_model_options(p)
+    add_drag_options(p)
+    p.set_defaults(fn=cmd_sweep)

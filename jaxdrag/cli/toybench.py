@@ -9,7 +9,7 @@ from pathlib import Path
 from ..drag.methods import METHODS
 from ..errors import SettingsError
 from .models import load_models
-from .options import drag_overrides, edit_settings
+from .options import add_drag_options, add_model_options, drag_overrides, edit_settings
 
 
 def cmd_toybench(args) -> int:
@@ -32,3 +32,18 @@ def cmd_toybench(args) -> int:
                log=lambda s: print(s, file=sys.stderr))
     print((Path(args.out) / "toybench.md").read_text())
     return 0
+
+
+def add_parser(sub) -> None:
+    """The `jaxdrag toybench` options."""
+    p = sub.add_parser("toybench", help="drag tasks on held-out toy scenes with exact ground truth "
+                                        "(displacement error, IoU, survival, background PSNR)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated methods (default: all ten); each reads the drag settings it uses")
+    p.add_argument("--tasks", type=int, default=50, help="number of tasks (deterministic, held-out seeds)")
+    p.add_argument("--batch-size", type=int, default=10, help="edits per vmapped batch")
+    p.add_argument("--quiet", action="store_true")
+    add_model_options(p)
+    add_drag_options(p, method=False)
+    p.set_defaults(fn=cmd_toybench)

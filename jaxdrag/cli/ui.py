@@ -9,6 +9,7 @@ from pathlib import Path
 from ..drag.methods import METHODS
 from ..errors import SettingsError
 from .models import default_models, load_models
+from .options import add_model_options
 
 
 def cmd_ui(args) -> int:
@@ -38,3 +39,22 @@ def cmd_ui(args) -> int:
     print(f"jaxdrag UI on http://{args.host}:{args.port} (results saved in {args.out})", file=sys.stderr)
     app.launch(host=args.host, port=args.port, quiet=args.quiet)
     return 0
+
+
+def add_parser(sub) -> None:
+    """The `jaxdrag ui` options."""
+    p = sub.add_parser("ui", help="the browser UI (Gradio): load or generate an image, paint the mask, click "
+                                  "handle and target points, run; edits from all open pages run in batches")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--samples", type=Path, action="append", default=[],
+                   help="a DragBench or Drag100 folder whose samples the page offers (repeatable); the toy "
+                        "world's samples are always there")
+    p.add_argument("--out", type=Path, default=Path("ui_out"), help="where every result is saved")
+    p.add_argument("--method", default="dragtext", help="the method selected at start")
+    p.add_argument("--batch-window", type=float, default=1.0,
+                   help="seconds an idle queue waits for more edits to join a batch")
+    p.add_argument("--max-batch", type=int, default=8, help="the most edits run together")
+    p.add_argument("--quiet", action="store_true")
+    add_model_options(p)
+    p.set_defaults(fn=cmd_ui)

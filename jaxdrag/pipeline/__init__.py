@@ -9,15 +9,17 @@ hyperparameters on a leading axis (``jax.vmap``). Stages are compiled ahead of t
 (``_Stages``) so per-stage timings separate compile time from run time.
 
 Rooms: ``pixels`` (pixel-space helpers), ``stages`` (the compile cache, export, devices, memory
-measurement), ``networks`` (``Pipeline``: the networks, LoRA, sampling), ``editing`` (orchestration and
-results). Every name is importable from ``jaxdrag.pipeline`` as before.
+measurement), ``networks`` (``Pipeline``: the networks, devices, jit caches; ``load_pipeline``), ``lora`` (the per-edit
+LoRA), ``sampling`` (inversion, denoising, generation, decoding), ``dragnets`` (the drag engine's view of
+the networks), ``editing`` (orchestration), ``assemble`` (results). Every name is importable from ``jaxdrag.pipeline`` as before.
 """
 
 from __future__ import annotations
 
 from .pixels import tree_bytes, pool_matrix, adaptive_avg_pool, clip_pixels, bilinear_resize, to_uint8, Array, CLIP_MEAN, CLIP_STD
 from .stages import ProgressRelay, Bar, Stages, CUDNN_TARGETS
-from .networks import LoRASettings, check_remat, Pipeline, load_pipeline
+from .lora import LoRASettings, check_remat
+from .networks import Pipeline, load_pipeline
 from .editing import EditSettings, pow2_bucket, plan_batch, edit_batch, edit, compile_for
 
 __all__ = ["tree_bytes", "pool_matrix", "adaptive_avg_pool", "clip_pixels", "bilinear_resize", "to_uint8", "Array", "CLIP_MEAN", "CLIP_STD", "ProgressRelay", "Bar", "Stages", "CUDNN_TARGETS", "LoRASettings", "check_remat", "Pipeline", "load_pipeline", "EditSettings", "pow2_bucket", "plan_batch", "edit_batch", "edit", "compile_for"]

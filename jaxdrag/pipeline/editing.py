@@ -18,7 +18,8 @@ from ..drag.hosts import reached as drag_reached
 from ..drag.hosts import update_budget
 from ..models.lora import zeros_lora
 
-from .networks import LoRASettings, Pipeline, check_remat
+from .lora import LoRASettings, check_remat
+from .networks import Pipeline
 from .stages import Bar
 
 

@@ -1,75 +1,32 @@
-"""The SD-1.5 networks as pure functions over their parameters (``Pipeline``): the UNet, VAE,
-text encoder and CLIP, per-edit LoRA training, DDIM inversion, reference-attention denoising,
-text-to-image generation; ``load_pipeline``."""
+"""The SD-1.5 networks as pure functions over their parameters (``Pipeline``: the UNet, VAE, text
+encoder and CLIP, the devices and the jit caches) and ``load_pipeline``. Its LoRA, sampling and
+drag-network methods are thin doors into their rooms: ``lora``, ``sampling``, ``dragnets``."""
 
 from __future__ import annotations
 
 import copy
-import threading
-
 import os
-from dataclasses import dataclass, field, replace
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from .. import weights
-from ..drag import DragConfig, DragNetworks, make_runner
-from ..models.lora import init_lora, zeros_lora
+from ..drag import DragConfig, DragNetworks
 from ..precision import Policy, policy_for
-from ..schedule import DDIM, add_noise, ddim_step, inversion_step
+from ..schedule import DDIM
 from ..tokenizer import Tokenizer
 
-from .pixels import Array, bilinear_resize, clip_pixels, to_uint8, tree_bytes
+from . import dragnets, sampling
+from . import lora as lora_room
+from .lora import LoRASettings
+from .pixels import Array, clip_pixels, tree_bytes
 from .stages import ProgressRelay, Stages
-
-
-@dataclass(frozen=True)
-class LoRASettings:
-    """DragDiffusion's defaults (§1.4): rank 16 (fixed when the model is loaded), 80 steps of
-    AdamW (β (0.9, 0.999), weight decay 1e-2, ε 1e-8) at lr 5e-4, batch 4, constant lr.
-    ``steps`` and ``lr`` left None take the method's (GoodDrag 70; FreeDrag, DragNoise 200 at
-    2e-4; ``methods.pipeline_defaults``) when an edit runs."""
-
-    steps: int | None = None
-    lr: float | None = None
-    batch: int = 4
-    weight_decay: float = 1e-2
-    chunk: int = 10  # steps per compiled call (progress granularity)
-    # rematerialisation in the backward (memory for many edits at once): "off" | "blocks" |
-    # "dots" (keep matmul/conv/attention outputs; ``models.unet._remat``); True means "blocks"
-    remat: str = "off"
-
-    def __post_init__(self):
-        from ..errors import check_number
-
-        if self.steps is not None:
-            object.__setattr__(self, "steps", check_number("lora_steps", self.steps, nonnegative=True,
-                                                           integer=True))
-        if self.lr is not None:
-            object.__setattr__(self, "lr", check_number("lora_lr", self.lr, positive=True))
-        object.__setattr__(self, "batch", check_number("lora_batch", self.batch, positive=True, integer=True))
-        object.__setattr__(self, "weight_decay", check_number("lora_weight_decay", self.weight_decay,
-                                                              nonnegative=True))
-        object.__setattr__(self, "chunk", check_number("lora_chunk", self.chunk, positive=True, integer=True))
-        object.__setattr__(self, "remat", check_remat("lora_remat", self.remat))
-
-
-def check_remat(name: str, value) -> str:
-    from ..errors import SettingsError
-    from ..models.unet import REMAT_POLICIES, remat_policy
-
-    try:
-        return remat_policy(value)
-    except ValueError:
-        raise SettingsError(f"setting {name} = {value!r}: must be one of {', '.join(REMAT_POLICIES)}") from None
-
-
 
 
 @dataclass(eq=False)
@@ -250,198 +207,35 @@ class Pipeline:
     def lora_template(self):
         return self.sd.unet.lora
 
-    def _lora_chunk_fn(self, settings: LoRASettings, n: int, crop: tuple[int, int]):
-        """jit: n LoRA steps for a batch of edits (vmapped), returning (lora, opt, key, losses).
-        The learning rate and weight decay are traced per edit ((B,) arrays), so LoRAs with other
-        rates share the program; the batch, remat policy, n and crop are compiled in."""
-        adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
-        sched = self.schedule
-
-        def one_step(params, lora, opt, key, mean, std, ctx, lr, wd):
-            k_crop, k_lat, k_t, k_noise = jax.random.split(key, 4)
-            bs = settings.batch
-            hh, ww = mean.shape[:2]
-            ch, cw = crop
-            oy = jax.random.randint(k_crop, (bs,), 0, hh - ch + 1)
-            ox = jax.random.randint(jax.random.fold_in(k_crop, 1), (bs,), 0, ww - cw + 1)
-            stat = jnp.concatenate([mean, std], axis=-1)
-            crops = jax.vmap(lambda y, x: jax.lax.dynamic_slice(stat, (y, x, 0), (ch, cw, stat.shape[-1])))(oy, ox)
-            m_c, s_c = jnp.split(crops, 2, axis=-1)
-            z = (m_c + s_c * jax.random.normal(k_lat, m_c.shape)) * self.scaling_factor
-            t = jax.random.randint(k_t, (bs,), 0, sched.num_train_timesteps)
-            noise = jax.random.normal(k_noise, z.shape)
-            zt = add_noise(sched, z, noise, t)
-            ctx_b = jnp.broadcast_to(ctx, (bs,) + ctx.shape)
-
-            def loss_fn(lo):
-                eps = self.unet_apply(params, lo, zt, t, ctx_b, remat=settings.remat)[0]
-                return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
-
-            loss, g = jax.value_and_grad(loss_fn)(lora)
-            upd, opt = adam.update(g, opt)
-            lora = jax.tree.map(lambda p, u: p - lr * (u + wd * p), lora, upd)
-            return lora, opt, loss
-
-        def chunk(params, loras, opts, keys, means, stds, ctxs, lrs, wds):
-            def body(carry, _):
-                lo, op, ke = carry
-                ke, sub = jax.vmap(lambda k: tuple(jax.random.split(k)))(ke)
-                lo, op, loss = jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0))(
-                    params, lo, op, sub, means, stds, ctxs, lrs, wds)
-                return (lo, op, ke), loss
-
-            (loras, opts, keys), losses = jax.lax.scan(body, (loras, opts, keys), None, length=n)
-            return loras, opts, keys, losses.T  # (B, n): every output leads with the edit axis
-
-        return jax.jit(chunk, donate_argnums=(1, 2, 3))
-
     def train_lora(self, images_lora: Array, ctx: Array, keys: Array, settings: LoRASettings,
                    on_chunk: Callable[[int], None] | None = None):
-        """Per-edit LoRA identity finetune (§1.4), vmapped over edits.
-
-        images_lora: (B, H', W', 3) in [-1, 1], the image resized so its shorter side is the
-        model's native size; the latent posterior is encoded once (DragDiffusion issue #43) and
-        each step draws a fresh posterior sample, a random native-size crop in latent space (the
-        reference's RandomCrop; the identity for square images), timesteps and noise.
-        Returns (lora (B, …), losses (steps, B, )).
-        """
-        enc = self._j("vae_enc_post", lambda p, x: self.vae_encode_apply(p, x))
-        mean, logvar = self.stages("lora_encode", enc, self.sd.vae.params, images_lora)
-        std = jnp.exp(0.5 * logvar)
-        n_lat = self.native_width // 8
-        crop = (min(n_lat, mean.shape[1]), min(n_lat, mean.shape[2]))
-        b = images_lora.shape[0]
-        init = jax.vmap(lambda k: init_lora(self.sd.unet.lora, k))
-        k_init, k_steps = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
-        loras = init(k_init)
-        adam = optax.scale_by_adam()
-        opts = jax.vmap(adam.init)(loras)
-        losses = []
-        done = 0
-        lrs = jnp.full((b,), settings.lr, jnp.float32)
-        wds = jnp.full((b,), settings.weight_decay, jnp.float32)
-        while done < settings.steps:
-            n = min(settings.chunk, settings.steps - done)
-            key = ("lora", settings.batch, settings.remat, n, crop)  # lr and weight decay are traced
-            with self._jit_lock:
-                if key not in self._jit:
-                    self._jit[key] = self._lora_chunk_fn(settings, n, crop)
-            loras, opts, k_steps, l = self.stages("lora", self._jit[key], self.sd.unet.params, loras, opts,
-                                                  k_steps, mean, std, ctx, lrs, wds)
-            losses.append(l)
-            done += n
-            if on_chunk is not None:
-                jax.block_until_ready(l)
-                on_chunk(n)
-        return loras, jnp.concatenate(losses, axis=1).T if losses else jnp.zeros((0, b))
+        """Per-edit LoRA, vmapped over edits (``lora.train_lora``): (lora (B, …), losses (steps, B))."""
+        return lora_room.train_lora(self, images_lora, ctx, keys, settings, on_chunk)
 
     def invert(self, loras, z0: Array, ctx: Array, strength: float) -> Array:
-        """DDIM inversion z0 → z_{t*} (K = round(strength·50) steps, no CFG), per edit."""
-        ts = jnp.asarray(self.schedule.inversion_timesteps(strength), jnp.int32)
-
-        def one(params, lora, z, c):
-            def body(z, t):
-                eps = self.unet_apply(params, lora, z[None], t, c[None])[0][0]
-                return inversion_step(self.schedule, z, eps, t), None
-            return jax.lax.scan(body, z, ts)[0]
-
-        fn = self._j(("invert", strength), jax.vmap(one, in_axes=(None, 0, 0, 0)))
-        return self.stages("invert", fn, self.sd.unet.params, loras, z0, ctx)
+        """DDIM inversion z0 → z_{t*} per edit (``sampling.invert``)."""
+        return sampling.invert(self, loras, z0, ctx, strength)
 
     def denoise(self, loras, z_src: Array, z_edit: Array, c_src: Array, c_edit: Array,
                 strength: float, reference: bool = True, *, start: Array | None = None,
                 mid: Array | None = None, mid_steps: int = 0, uncond: Array | None = None,
                 scale: Array | None = None) -> Array:
-        """Denoise the pair [z*, ẑ] from t* to 0 (§1.5): the source branch on the original text
-        embedding, the edited branch on the optimised one, both with the edit's LoRA; with
-        ``reference`` the last six decoder self-attentions of both rows attend to the source
-        row's keys/values. Returns the edited branch's final latent (B, h, w, 4).
-
-        start (B,) int: per edit, the number of the K = round(50·strength) steps already taken
-        (GoodDrag's drag phase denoises its first steps itself; the pair is then at t_start).
-        mid (B, h', w', C): DragNoise's optimised bottleneck, replacing the mid-block output of
-        both rows during the first ``mid_steps`` of the K steps.
-        uncond (B, T, D), scale (B,): classifier-free guidance (drags on generated images): the
-        pair runs once on [c_u, c_u] and once on [c, ĉ], each with its own mutual self-attention
-        (MasaCtrl per half), ε = ε_u + s·(ε_c − ε_u)."""
-        ts = jnp.asarray(self.schedule.denoise_timesteps(strength), jnp.int32)
-        n_steps = len(ts)
-        b = z_src.shape[0]
-        start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-        with_mid = mid is not None
-        mid = jnp.zeros((b, 1), jnp.float32) if mid is None else mid
-        guided = uncond is not None
-        if not guided:
-            uncond, scale = jnp.zeros((b, 1), jnp.float32), jnp.ones((b,), jnp.float32)
-
-        def one(params, lora, zs, ze, cs, ce, s0, h, cu, g):
-            ctx = jnp.stack([cs, ce])
-
-            def body(z, k):
-                t = ts[k]
-                inject = dict(mid_override=jnp.stack([h, h]), mid_use=k < mid_steps) if with_mid else {}
-                eps = self.unet_apply(params, lora, z, t, ctx, reference=reference, **inject)[0]
-                if guided:
-                    e_u = self.unet_apply(params, lora, z, t, jnp.stack([cu, cu]).astype(ctx.dtype),
-                                          reference=reference)[0]
-                    eps = e_u.astype(jnp.float32) + g * (eps.astype(jnp.float32) - e_u.astype(jnp.float32))
-                return jnp.where(k >= s0, ddim_step(self.schedule, z, eps, t), z), None
-            return jax.lax.scan(body, jnp.stack([zs, ze]), jnp.arange(n_steps))[0][1]
-
-        fn = self._j(("denoise", strength, reference, with_mid, mid_steps, guided),
-                     jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
-        return self.stages("denoise", fn, self.sd.unet.params, loras, z_src, z_edit, c_src, c_edit,
-                           start, mid, uncond, jnp.asarray(scale, jnp.float32))
+        """Denoise the pair [z*, ẑ] from t* to 0 with reference attention (``sampling.denoise``);
+        the edited branch's final latent (B, h, w, 4)."""
+        return sampling.denoise(self, loras, z_src, z_edit, c_src, c_edit, strength, reference, start=start,
+                                mid=mid, mid_steps=mid_steps, uncond=uncond, scale=scale)
 
     def generate(self, prompts: Sequence[str], *, seed: int | Sequence[int] = 0, guidance_scale: float = 7.5,
                  steps: int | None = None, negative_prompt: str = "",
-                 hw: tuple[int, int] | None = None, stop_at: int | None = None) -> tuple[Array, Array]:
-        """Text-to-image sampling with DDIM (η = 0) and classifier-free guidance:
-        ε = ε_u + s·(ε_c − ε_u), the unconditional branch on ``negative_prompt``.
-        Returns (uint8 images (B, H, W, 3), final latents (B, h, w, 4)). ``hw`` defaults to the
-        model's native size. The initial noise: with one ``seed``, prompt i draws from
-        fold_in(seed, i); with a list, prompt i draws from fold_in(seed_i, 0) (so one prompt and
-        seed draw the same noise in any batch). ``stop_at = k`` also returns the latents after the
-        first k steps (the generation's latent at timestep ``timesteps[k]``, what a drag on the
-        generated image starts from): then (images, final latents, latents at k)."""
-        sched = self.schedule if steps is None else replace(self.schedule, num_inference_steps=steps)
-        h, w = hw or (self.native_width, self.native_width)
-        b = len(prompts)
-        ids = self.tokenizer.ids(list(prompts) + [negative_prompt])
-        ctx = self.encode_text_ids(ids)
-        cond, uncond = ctx[:b], jnp.broadcast_to(ctx[b:], ctx[:b].shape)
-        if isinstance(seed, (int, np.integer)):
-            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(b))
-        else:
-            if len(seed) != b:
-                raise ValueError(f"{len(seed)} seeds for {b} prompts")
-            keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s_)), 0) for s_ in seed])
-        z = jax.vmap(lambda k: jax.random.normal(k, (h // 8, w // 8, self.sd.unet.cfg.in_channels)))(keys)
-        ts = jnp.asarray(sched.timesteps, jnp.int32)
-        zero = zeros_lora(self.sd.unet.lora)
-        k_stop = -1 if stop_at is None else int(stop_at)
-
-        def run(params, z, cond, uncond, g):
-            def body(carry, i):
-                z, z_k = carry
-                z_k = jnp.where(i == k_stop, z, z_k)
-                zz = jnp.concatenate([z, z])
-                eps = self.unet_apply(params, zero, zz, ts[i], jnp.concatenate([uncond, cond]))[0]
-                e_u, e_c = jnp.split(eps.astype(jnp.float32), 2)
-                return (ddim_step(sched, z, e_u + g * (e_c - e_u), ts[i]), z_k), None
-            z_end, z_k = jax.lax.scan(body, (z, z), jnp.arange(len(ts)))[0]
-            return z_end, z_k
-
-        fn = self._j(("generate", sched, k_stop), run)
-        z, z_k = self.stages("generate", fn, self.sd.unet.params, z, cond, uncond, jnp.float32(guidance_scale))
-        images = self.decode_to_uint8(z, (h, w))
-        return (images, z) if stop_at is None else (images, z, z_k)
+                 hw: tuple[int, int] | None = None, stop_at: int | None = None):
+        """Text-to-image DDIM sampling with classifier-free guidance (``sampling.generate``):
+        (uint8 images (B, H, W, 3), final latents (B, h, w, 4)[, latents after ``stop_at`` steps])."""
+        return sampling.generate(self, prompts, seed=seed, guidance_scale=guidance_scale, steps=steps,
+                                 negative_prompt=negative_prompt, hw=hw, stop_at=stop_at)
 
     def decode_to_uint8(self, latents: Array, out_hw: tuple[int, int]) -> Array:
-        """VAE decode → clamp to [0, 1] → bilinear resize to ``out_hw`` → uint8 (truncated)."""
-        def fn(params, z):
-            return to_uint8(bilinear_resize(self.vae_decode_apply(params, z), out_hw))
-        return self.stages("decode", self._j(("decode", out_hw), fn), self.sd.vae.params, latents)
+        """VAE decode → [0, 1] → bilinear resize to ``out_hw`` → uint8 (``sampling.decode_to_uint8``)."""
+        return sampling.decode_to_uint8(self, latents, out_hw)
 
     def encode_images(self, images: Array) -> Array:
         """Posterior mean × scaling factor (the latent DragDiffusion inverts)."""
@@ -454,85 +248,17 @@ class Pipeline:
 
     def drag_networks(self, clip_double_unit_map: bool = False, remat: str = "off", text_block: int | None = None,
                       guided: bool = False) -> DragNetworks:
-        """The engine's network functions over this pipeline (cached: one object per setting).
-        ``remat``: the UNet's rematerialisation policy in the drag step's backward.
-        ``text_block`` (an up_blocks index): ``features`` also returns that block's map, the
-        text embedding's motion features (DragText App. H). ``guided`` (drags on generated
-        images, ALGORITHMS.md §2.4): every forward runs the UNet on [z, z] with [c_u, ĉ]
-        (``shared["guide"]`` = {"uncond": (T, D), "scale": ()}); ε = ε_u + s·(ε_c − ε_u) and
-        the features are [(1 − κ)·F_u, κ·F_c] along channels, κ = s/(2s − 1)."""
-        key = ("nets", clip_double_unit_map, remat, text_block, guided)
-        with self._jit_lock:
-            if key not in self._jit:
-                fb = self.feature_block
-                n_up = len(self.sd.unet.cfg.block_out_channels)
-                if text_block is not None and not 0 <= text_block < n_up:
-                    from ..errors import SettingsError
-                    raise SettingsError(f"setting text_feature_block = {text_block}: this UNet has up blocks "
-                                        f"0..{n_up - 1}")
-                blocks = (fb,) if text_block is None else (fb, text_block)
-
-                def outputs(shared, eps, taps):
-                    eps = eps.astype(jnp.float32)
-                    feats = [taps["up"][b].astype(jnp.float32) for b in blocks]
-                    if not guided:
-                        return (eps[0], *(f[0] for f in feats))
-                    g = shared["guide"]["scale"]
-                    k = g / (2.0 * g - 1.0)
-                    return (eps[0] + g * (eps[1] - eps[0]),
-                            *(jnp.concatenate([(1.0 - k) * f[0], k * f[1]], axis=-1) for f in feats))
-
-                def rows(shared, z, c):
-                    if not guided:
-                        return z[None], c[None]
-                    return jnp.stack([z, z]), jnp.stack([shared["guide"]["uncond"].astype(c.dtype), c])
-
-                def features(shared, edit, z, c, t):
-                    x, ctx = rows(shared, z, c)
-                    eps, taps = self.unet_apply(shared["unet"], edit, x, t, ctx, remat=remat)
-                    return outputs(shared, eps, taps)
-
-                def clip_image(shared, x0):
-                    img = self.vae_decode_apply(shared["vae"], x0[None])
-                    return self.clip_image_apply(shared["clip"], img, clip_double_unit_map)[0]
-
-                def features_mid(shared, edit, z, c, t, h):
-                    eps, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None], mid_override=h[None],
-                                                remat=remat)
-                    return outputs(shared, eps, taps)
-
-                def bottleneck(shared, edit, z, c, t):
-                    _, taps = self.unet_apply(shared["unet"], edit, z[None], t, c[None])
-                    return taps["mid"][0].astype(jnp.float32)
-
-                mid = (features_mid, bottleneck) if not guided else (None, None)
-                self._jit[key] = DragNetworks(features, clip_image if self.clip is not None else None, *mid)
-            return self._jit[key]
+        """The engine's network functions over this pipeline, cached (``dragnets.drag_networks``)."""
+        return dragnets.drag_networks(self, clip_double_unit_map, remat, text_block, guided)
 
     def drag_runner(self, cfg: DragConfig, clip_double_unit_map: bool = False, progress: bool = False,
                     remat: str = "off", guided: bool = False):
-        """(prep, loop) for ``cfg``, cached. With ``progress`` the loop reports every iteration
-        to ``self.progress_relay.target`` (set it before the call). ``guided``: see
-        ``drag_networks`` (then ``shared_params`` must be given the guidance)."""
-        key = ("runner", cfg, clip_double_unit_map, bool(progress), remat, guided)
-        with self._jit_lock:
-            if key not in self._jit:
-                nets = self.drag_networks(clip_double_unit_map, remat, cfg.text_feature_block, guided)
-                self._jit[key] = make_runner(nets, cfg, self.progress_relay if progress else None)
-            return self._jit[key]
+        """(prep, loop) for ``cfg``, cached (``dragnets.drag_runner``)."""
+        return dragnets.drag_runner(self, cfg, clip_double_unit_map, progress, remat, guided)
 
     def shared_params(self, use_clip: bool, guide: dict | None = None):
-        """The broadcast parameters of the drag step; ``guide`` = {"uncond": (T, D), "scale": ()}
-        for guided networks."""
-        shared = {"unet": self.sd.unet.params}
-        if guide is not None:
-            shared["guide"] = guide
-        if use_clip:
-            self._need_clip()
-            shared["vae"] = self.sd.vae.params
-            shared["clip"] = self.clip.params
-        return shared
-
+        """The broadcast parameters of the drag step (``dragnets.shared_params``)."""
+        return dragnets.shared_params(self, use_clip, guide)
 
 def load_pipeline(path: str | Path, clip: str | Path | None = None, dtype: Any = "auto", *,
                   attention: str = "auto", lora_rank: int = 16, vae: str | Path | None = None) -> Pipeline:

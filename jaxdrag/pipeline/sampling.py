@@ -1,0 +1,131 @@
+"""Sampling with the networks (ALGORITHMS.md §1.3, §1.5): DDIM inversion, the reference-attention
+denoising of the edited pair, text-to-image generation, decoding to uint8. Each is one jitted,
+vmapped stage over a batch of edits; ``Pipeline``'s methods of the same names call these."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..models.lora import zeros_lora
+from ..schedule import ddim_step, inversion_step
+from .pixels import Array, bilinear_resize, to_uint8
+
+if TYPE_CHECKING:
+    from .networks import Pipeline
+
+
+def invert(pipe: "Pipeline", loras, z0: Array, ctx: Array, strength: float) -> Array:
+    """DDIM inversion z0 → z_{t*} (K = round(strength·50) steps, no CFG), per edit."""
+    ts = jnp.asarray(pipe.schedule.inversion_timesteps(strength), jnp.int32)
+
+    def one(params, lora, z, c):
+        def body(z, t):
+            eps = pipe.unet_apply(params, lora, z[None], t, c[None])[0][0]
+            return inversion_step(pipe.schedule, z, eps, t), None
+        return jax.lax.scan(body, z, ts)[0]
+
+    fn = pipe._j(("invert", strength), jax.vmap(one, in_axes=(None, 0, 0, 0)))
+    return pipe.stages("invert", fn, pipe.sd.unet.params, loras, z0, ctx)
+
+
+def denoise(pipe: "Pipeline", loras, z_src: Array, z_edit: Array, c_src: Array, c_edit: Array,
+            strength: float, reference: bool = True, *, start: Array | None = None,
+            mid: Array | None = None, mid_steps: int = 0, uncond: Array | None = None,
+            scale: Array | None = None) -> Array:
+    """Denoise the pair [z*, ẑ] from t* to 0 (§1.5): the source branch on the original text
+    embedding, the edited branch on the optimised one, both with the edit's LoRA; with
+    ``reference`` the last six decoder pipe-attentions of both rows attend to the source
+    row's keys/values. Returns the edited branch's final latent (B, h, w, 4).
+
+    start (B,) int: per edit, the number of the K = round(50·strength) steps already taken
+    (GoodDrag's drag phase denoises its first steps itself; the pair is then at t_start).
+    mid (B, h', w', C): DragNoise's optimised bottleneck, replacing the mid-block output of
+    both rows during the first ``mid_steps`` of the K steps.
+    uncond (B, T, D), scale (B,): classifier-free guidance (drags on generated images): the
+    pair runs once on [c_u, c_u] and once on [c, ĉ], each with its own mutual pipe-attention
+    (MasaCtrl per half), ε = ε_u + s·(ε_c − ε_u)."""
+    ts = jnp.asarray(pipe.schedule.denoise_timesteps(strength), jnp.int32)
+    n_steps = len(ts)
+    b = z_src.shape[0]
+    start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    with_mid = mid is not None
+    mid = jnp.zeros((b, 1), jnp.float32) if mid is None else mid
+    guided = uncond is not None
+    if not guided:
+        uncond, scale = jnp.zeros((b, 1), jnp.float32), jnp.ones((b,), jnp.float32)
+
+    def one(params, lora, zs, ze, cs, ce, s0, h, cu, g):
+        ctx = jnp.stack([cs, ce])
+
+        def body(z, k):
+            t = ts[k]
+            inject = dict(mid_override=jnp.stack([h, h]), mid_use=k < mid_steps) if with_mid else {}
+            eps = pipe.unet_apply(params, lora, z, t, ctx, reference=reference, **inject)[0]
+            if guided:
+                e_u = pipe.unet_apply(params, lora, z, t, jnp.stack([cu, cu]).astype(ctx.dtype),
+                                      reference=reference)[0]
+                eps = e_u.astype(jnp.float32) + g * (eps.astype(jnp.float32) - e_u.astype(jnp.float32))
+            return jnp.where(k >= s0, ddim_step(pipe.schedule, z, eps, t), z), None
+        return jax.lax.scan(body, jnp.stack([zs, ze]), jnp.arange(n_steps))[0][1]
+
+    fn = pipe._j(("denoise", strength, reference, with_mid, mid_steps, guided),
+                 jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
+    return pipe.stages("denoise", fn, pipe.sd.unet.params, loras, z_src, z_edit, c_src, c_edit,
+                       start, mid, uncond, jnp.asarray(scale, jnp.float32))
+
+
+def generate(pipe: "Pipeline", prompts: Sequence[str], *, seed: int | Sequence[int] = 0, guidance_scale: float = 7.5,
+             steps: int | None = None, negative_prompt: str = "",
+             hw: tuple[int, int] | None = None, stop_at: int | None = None) -> tuple[Array, Array]:
+    """Text-to-image sampling with DDIM (η = 0) and classifier-free guidance:
+    ε = ε_u + s·(ε_c − ε_u), the unconditional branch on ``negative_prompt``.
+    Returns (uint8 images (B, H, W, 3), final latents (B, h, w, 4)). ``hw`` defaults to the
+    model's native size. The initial noise: with one ``seed``, prompt i draws from
+    fold_in(seed, i); with a list, prompt i draws from fold_in(seed_i, 0) (so one prompt and
+    seed draw the same noise in any batch). ``stop_at = k`` also returns the latents after the
+    first k steps (the generation's latent at timestep ``timesteps[k]``, what a drag on the
+    generated image starts from): then (images, final latents, latents at k)."""
+    sched = pipe.schedule if steps is None else replace(pipe.schedule, num_inference_steps=steps)
+    h, w = hw or (pipe.native_width, pipe.native_width)
+    b = len(prompts)
+    ids = pipe.tokenizer.ids(list(prompts) + [negative_prompt])
+    ctx = pipe.encode_text_ids(ids)
+    cond, uncond = ctx[:b], jnp.broadcast_to(ctx[b:], ctx[:b].shape)
+    if isinstance(seed, (int, np.integer)):
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(b))
+    else:
+        if len(seed) != b:
+            raise ValueError(f"{len(seed)} seeds for {b} prompts")
+        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s_)), 0) for s_ in seed])
+    z = jax.vmap(lambda k: jax.random.normal(k, (h // 8, w // 8, pipe.sd.unet.cfg.in_channels)))(keys)
+    ts = jnp.asarray(sched.timesteps, jnp.int32)
+    zero = zeros_lora(pipe.sd.unet.lora)
+    k_stop = -1 if stop_at is None else int(stop_at)
+
+    def run(params, z, cond, uncond, g):
+        def body(carry, i):
+            z, z_k = carry
+            z_k = jnp.where(i == k_stop, z, z_k)
+            zz = jnp.concatenate([z, z])
+            eps = pipe.unet_apply(params, zero, zz, ts[i], jnp.concatenate([uncond, cond]))[0]
+            e_u, e_c = jnp.split(eps.astype(jnp.float32), 2)
+            return (ddim_step(sched, z, e_u + g * (e_c - e_u), ts[i]), z_k), None
+        z_end, z_k = jax.lax.scan(body, (z, z), jnp.arange(len(ts)))[0]
+        return z_end, z_k
+
+    fn = pipe._j(("generate", sched, k_stop), run)
+    z, z_k = pipe.stages("generate", fn, pipe.sd.unet.params, z, cond, uncond, jnp.float32(guidance_scale))
+    images = pipe.decode_to_uint8(z, (h, w))
+    return (images, z) if stop_at is None else (images, z, z_k)
+
+
+def decode_to_uint8(pipe: "Pipeline", latents: Array, out_hw: tuple[int, int]) -> Array:
+    """VAE decode → clamp to [0, 1] → bilinear resize to ``out_hw`` → uint8 (truncated)."""
+    def fn(params, z):
+        return to_uint8(bilinear_resize(pipe.vae_decode_apply(params, z), out_hw))
+    return pipe.stages("decode", pipe._j(("decode", out_hw), fn), pipe.sd.vae.params, latents)
