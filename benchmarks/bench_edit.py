@@ -93,7 +93,7 @@ def memory_plan(pipe, res, lora_steps, drag_iters, remat):
 def bench_torch(unet, vae, text_c, res, device, lora_steps, drag_iters):
     import torch
 
-    import torch_reference as tref
+    from jaxdrag.testing import torch_reference as tref
 
     req = request(res, 0)
     sync = common.torch_sync(device)

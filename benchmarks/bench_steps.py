@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import torch_reference as tref  # noqa: E402
+from jaxdrag.testing import torch_reference as tref  # noqa: E402
 from jaxdrag.drag import DragHypers, make_runner, prepare_batch, resolve, step  # noqa: E402
 from jaxdrag.models.lora import init_lora  # noqa: E402
 from jaxdrag.pipeline import EditSettings, LoRASettings  # noqa: E402

@@ -1,0 +1,1 @@
+"""Helpers for jaxdrag's tests and benchmarks (not imported by the package itself)."""
