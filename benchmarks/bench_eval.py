@@ -10,7 +10,7 @@ Weights: tiny SD-2.1-architecture / random LPIPS written on the fly (default: a 
 needs ``--lpips-pth``, the lpips state dict it came from). The results are the originals rolled
 8 px to the right (a non-trivial drag result for every sample). MD values differ between the two
 by the noise draws (torch.randn vs jax.random), not by the computation (see
-tests/test_eval_parity.py for the equality with given noise).
+tests/eval/test_eval_parity.py for the equality with given noise).
 """
 
 from __future__ import annotations

@@ -167,3 +167,24 @@ def torch_match(ft_src, ft_drag, handles, targets):
         matched.append(rc)
         dists.append(float(np.linalg.norm(np.array([ty, tx]) - np.array(rc))))
     return dists, matched
+
+
+def synthetic_image(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
+    """A smooth RGB gradient plus uniform noise, (h, w, 3) uint8: the tests' stand-in photo."""
+    rs = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    return (np.stack([yy, xx, 1 - yy], -1) * 200 + rs.rand(h, w, 3) * 55).astype(np.uint8)
+
+
+def dragbench_sample(folder, seed: int) -> None:
+    """A DragBench-layout sample in ``folder``: a 96 × 128 synthetic image, a mask, one drag."""
+    import pickle
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    Image.fromarray(synthetic_image(seed=seed)).save(folder / "original_image.png")
+    mask = np.zeros((96, 128), np.uint8)
+    mask[20:70, 30:100] = 1
+    meta = {"prompt": f"sample {seed}", "points": [[50, 40], [70, 45]], "mask": mask}
+    (folder / "meta_data.pkl").write_bytes(pickle.dumps(meta))

@@ -1,5 +1,5 @@
 """The evaluation networks as jitted batch programs (one jit per program and shape; exported for
-accelerators by tests/test_export.py) and the per-sample noise keys of DIFT."""
+accelerators by tests/pipeline/test_export.py) and the per-sample noise keys of DIFT."""
 
 from __future__ import annotations
 

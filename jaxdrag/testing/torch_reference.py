@@ -8,11 +8,9 @@ nothing in jaxdrag imports this module).
    through the VAE every step (as released), the drag step computes the motion loss with per-pair
    clipped slices and the four-slice bilinear patch, DragText takes two backward passes, the final
    denoise swaps in mutual self-attention for the last six decoder self-attentions.
-2. **On small stand-in networks** (``tests/test_drag_step_vs_torch.py``, ``tests/test_hosts_vs_torch.py``):
-   the stand-ins both frameworks run (a 3×3 conv + text conditioning + tanh for the features; for ε a
-   pointwise map plus a global term, so every ε element changes when z changes anywhere; a stand-in
-   CLIP image tower; DragNoise's 2×2-pooled bottleneck), their JAX side as ``DragNetworks``, and the
-   reference loops written from ALGORITHMS.md §2–§7 in the reference code's structure:
+2. **On the small stand-in networks of ``standins``** (``tests/drag/test_drag_step_vs_torch.py``,
+   ``tests/drag/test_hosts_vs_torch.py``): their PyTorch forward, and the reference loops written from
+   ALGORITHMS.md §2–§7 in the reference code's structure:
    DragDiffusion / DragText / CLIPDrag (``TorchRef``), GoodDrag (``torch_gooddrag``), FreeDrag
    (``torch_freedrag``), DragNoise (``TorchNoise``).
 """
@@ -22,14 +20,12 @@ from __future__ import annotations
 import contextlib
 from types import SimpleNamespace
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..drag import DragNetworks
 from ..schedule import DDIM
+from .standins import H0, SUP, T_STAR, TG, TOKEN_P, standin_weights
 
 # ============================================================================ 1. diffusers models
 
@@ -264,78 +260,6 @@ def denoise(unet, z_src, z_edit, c_src, c_edit, steps=35):
     return z[1:]
 
 
-# ============================================================================ 2. stand-in networks
-
-# latent (h, w), supervision (h, w), feature channels, text tokens, text width, CLIP projection
-LAT = (12, 14)
-
-SUP = (24, 28)
-
-CF, T, D, P = 6, 6, 8, 5
-
-T_STAR = 681
-
-ITERS = 3
-
-
-def standin_weights():
-    rs = np.random.RandomState(0)
-    return {"W1": rs.randn(CF, 4, 3, 3).astype(np.float32) * 0.4,   # torch OIHW
-            "Wc": rs.randn(D, CF).astype(np.float32) * 0.3,
-            "W2": rs.randn(4, 4).astype(np.float32) * 0.5,
-            "We": rs.randn(D, 4).astype(np.float32) * 0.3,
-            "Wg": rs.randn(4, 4).astype(np.float32) * 3.0,
-            "Wx": rs.randn(LAT[0] * LAT[1] * 4, 7).astype(np.float32) * 0.05,
-            "Wp": rs.randn(7, P).astype(np.float32)}
-
-
-def jax_features(shared, edit, z, c, t):
-    k = jnp.transpose(shared["W1"], (2, 3, 1, 0))
-    u = jax.lax.conv_general_dilated(z[None], k, (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=jax.lax.Precision.HIGHEST)[0]
-    f = jnp.tanh(u + jnp.mean(c, 0) @ shared["Wc"])
-    eps = 0.5 * jnp.tanh(z @ shared["W2"] + c[0] @ shared["We"] + jnp.mean(z, (0, 1)) @ shared["Wg"])
-    return eps, f
-
-
-def jax_clip(shared, x0):
-    return jnp.tanh(x0.reshape(-1) @ shared["Wx"]) @ shared["Wp"]
-
-
-NETS = DragNetworks(jax_features, jax_clip)
-
-
-def noise_weights():
-    rs = np.random.RandomState(1)
-    return {**standin_weights(), "Wh": rs.randn(4, 6).astype(np.float32) * 0.5, "Wk": rs.randn(4, 4).astype(np.float32)}
-
-
-def jax_bottleneck(shared, edit, z, c, t):
-    """The stand-in's bottleneck h: z average-pooled 2×2, (6, 7, 4)."""
-    return z.reshape(LAT[0] // 2, 2, LAT[1] // 2, 2, 4).mean((1, 3))
-
-
-def jax_features_mid(shared, edit, z, c, t, h):
-    k = jnp.transpose(shared["W1"], (2, 3, 1, 0))
-    u = jax.lax.conv_general_dilated(z[None], k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=jax.lax.Precision.HIGHEST)[0]
-    hu = jnp.repeat(jnp.repeat(h, 2, 0), 2, 1)
-    f = jnp.tanh(u + jnp.mean(c, 0) @ shared["Wc"] + hu @ shared["Wh"])
-    g = jnp.mean(z, (0, 1)) @ shared["Wg"] + jnp.mean(h, (0, 1)) @ shared["Wk"]
-    eps = 0.5 * jnp.tanh(z @ shared["W2"] + c[0] @ shared["We"] + g)
-    return eps, f
-
-
-NOISE_NETS = DragNetworks(lambda s, e, z, c, t: jax_features_mid(s, e, z, c, t, jax_bottleneck(s, e, z, c, t)),
-                          features_mid=jax_features_mid, bottleneck=jax_bottleneck)
-
-
-def rel_error(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(1e-12, np.abs(b).max())
-
-
 # ============================================================================ 2a. DragDiffusion, DragText, CLIPDrag
 
 
@@ -491,9 +415,6 @@ class TorchRef:
 # ============================================================================ 2b. GoodDrag
 
 AC = torch.from_numpy(DDIM().alphas_cumprod)
-H0 = np.array([[9, 9], [14, 18]], np.float32)
-TG = np.array([[9, 18], [10, 13]], np.float32)
-TOKEN_P = 3
 
 
 def t_alpha(t):

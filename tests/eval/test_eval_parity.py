@@ -19,7 +19,7 @@ from jaxdrag.eval import load_clip_image, load_dift, load_lpips  # noqa: E402
 from jaxdrag.eval.image import clip_preprocess, resize_bilinear  # noqa: E402
 from jaxdrag.eval.metrics import dift_features, lpips_224, match_distances  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Full-size SD-1.5 (random weights): the diffusers folder and the LDM single file load to
 identical parameters and the same ε as diffusers at 64×64. Slow (minutes, ~16 GB RAM, ~9 GB disk):
-    pytest -m slow -s tests/test_full_size.py
+    pytest -m slow -s tests/models/test_full_size.py
 """
 
 import gc

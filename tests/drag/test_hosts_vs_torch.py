@@ -19,10 +19,13 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from jaxdrag.drag import DragHypers, DragNetworks, make_runner, resolve  # noqa: E402
+from jaxdrag.drag import DragHypers, make_runner, resolve  # noqa: E402
+from jaxdrag.testing.standins import (  # noqa: E402
+    FREE, GOOD, H0, LAT, NOISE_NETS, SUP, T, T_STAR, TG, TOKEN_P, jax_bottleneck, noise_weights, rel_error,
+    standin_weights)
+from jaxdrag.testing.standins import FEATURE_NETS as NETS  # noqa: E402
 from jaxdrag.testing.torch_reference import (  # noqa: E402
-    H0, LAT, NOISE_NETS, SUP, T, T_STAR, TG, TOKEN_P, TorchNoise, fd_each_point, fd_offsets, fd_sample, hwc,
-    jax_bottleneck, jax_features, noise_weights, rel_error, standin_weights, torch_freedrag, torch_gooddrag)
+    TorchNoise, fd_each_point, fd_offsets, fd_sample, hwc, torch_freedrag, torch_gooddrag)
 
 
 
@@ -57,8 +60,6 @@ def run_jax(nets, method, z0, c0, mask_lat, weights=None, **over):
 # ----------------------------------------------------------------------------- GoodDrag
 
 
-GOOD = dict(r_m=2, r_p=3, drag_end_step=2, track_per_step=3, max_drag_per_track=2)
-NETS = DragNetworks(jax_features)
 
 
 @pytest.mark.parametrize("method", ["gooddrag", "gooddrag+dragtext"])
@@ -101,7 +102,6 @@ def test_gooddrag_with_mask_equals_torch_reference():
 # ----------------------------------------------------------------------------- FreeDrag
 
 
-FREE = dict(r_m=2, max_iters=14, block_steps=3)
 
 
 # cases: every run ends with both pairs done (sign = 1) or at the cap; text steps happen in the

@@ -13,23 +13,9 @@ from PIL import Image
 from conftest import shared_data
 from jaxdrag.cli import main
 from jaxdrag.data import find_samples
+from helpers import dragbench_sample, synthetic_image
 
 FAST = ["--lora-steps", "4", "--max-iters", "4", "--quiet", "--no-compile-cache"]
-
-
-def _image(seed=0, h=96, w=128):
-    rs = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / w
-    return (np.stack([yy, xx, 1 - yy], -1) * 200 + rs.rand(h, w, 3) * 55).astype(np.uint8)
-
-
-def _dragbench_sample(folder: Path, seed: int):
-    folder.mkdir(parents=True)
-    Image.fromarray(_image(seed)).save(folder / "original_image.png")
-    mask = np.zeros((96, 128), np.uint8)
-    mask[20:70, 30:100] = 1
-    meta = {"prompt": f"sample {seed}", "points": [[50, 40], [70, 45]], "mask": mask}
-    (folder / "meta_data.pkl").write_bytes(pickle.dumps(meta))
 
 
 class _Evil:
@@ -43,11 +29,11 @@ class _Evil:
 def test_run_skips_bad_samples_and_resumes(tmp_path, capsys):
     data, out = tmp_path / "bench", tmp_path / "out"
     for i in (1, 2, 3):
-        _dragbench_sample(data / "cat" / f"s{i}", i)
-    _dragbench_sample(data / "cat" / "corrupt", 4)
+        dragbench_sample(data / "cat" / f"s{i}", i)
+    dragbench_sample(data / "cat" / "corrupt", 4)
     blob = (data / "cat" / "corrupt" / "meta_data.pkl").read_bytes()
     (data / "cat" / "corrupt" / "meta_data.pkl").write_bytes(blob[:len(blob) // 3])
-    _dragbench_sample(data / "cat" / "evil", 5)
+    dragbench_sample(data / "cat" / "evil", 5)
     marker = tmp_path / "pwned"
     (data / "cat" / "evil" / "meta_data.pkl").write_bytes(pickle.dumps(_Evil(marker)))
     (data / "cat" / "s1" / ".DS_Store").write_bytes(b"junk")
@@ -98,7 +84,7 @@ def _rotated_photo(path: Path, shown: np.ndarray) -> None:
 
 def test_edit_command(tmp_path, capsys):
     img = tmp_path / "in.png"
-    _rotated_photo(img, _image(7))  # stored 96 wide × 128 high, shown 128 × 96
+    _rotated_photo(img, synthetic_image(seed=7))  # stored 96 wide × 128 high, shown 128 × 96
     assert Image.open(img).size == (96, 128)
     out = tmp_path / "o"
     assert main(["edit", str(img), "--points", "50,40 70,45", "--prompt", "a gradient", "--out", str(out),
@@ -152,7 +138,7 @@ def test_generate_then_edit_commands(tmp_path, capsys):
 def test_drag100_layout(tmp_path):
     root = tmp_path / "d100"
     (root / "cat_0").mkdir(parents=True)
-    Image.fromarray(_image(1)).save(root / "cat_0" / "original.jpg")
+    Image.fromarray(synthetic_image(seed=1)).save(root / "cat_0" / "original.jpg")
     (root / "cat_0" / "points.json").write_text(json.dumps({"points": [[10, 20], [30, 40]]}))
     Image.fromarray(np.full((96, 128), 255, np.uint8)).save(root / "cat_0" / "mask.png")
     (root / "bad_0").mkdir()
@@ -170,7 +156,7 @@ def test_drag100_layout(tmp_path):
 
 def test_readme_demo_command(readme_demo):
     """The demo exactly as the README gives it, in a fresh process (writes ./demo_out)."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert "jaxdrag demo" in readme
     out, demo_out = readme_demo
     for f in ("input.png", "edited.png", "overlay.png", "side_by_side.png", "report.json"):

@@ -11,15 +11,10 @@ import jaxdrag
 from jaxdrag import EditRequest, EditSettings, LoRASettings
 from jaxdrag.data import write_result
 from jaxdrag.pipeline import pow2_bucket
+from helpers import synthetic_image as synthetic
 
 FAST = EditSettings(lora=LoRASettings(steps=4))
 ITERS = 4
-
-
-def synthetic(h, w, seed):
-    rs = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    return (np.stack([yy, xx, 1 - yy], -1) * 200 + rs.rand(h, w, 3) * 55).astype(np.uint8)
 
 
 def test_pow2_bucket():

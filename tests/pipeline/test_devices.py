@@ -1,5 +1,5 @@
 """Several devices and several processes (slow: each runs fresh processes that compile every stage;
-``python -m pytest -m slow tests/test_devices.py``, ~5 min on 2 cores).
+``python -m pytest -m slow tests/pipeline/test_devices.py``, ~5 min on 2 cores).
 
 - four host CPU devices (``--xla_force_host_platform_device_count=4``): a batch of four edits
   spread with ``shard_map`` (one edit and one drag ``while_loop`` per device) gives the results of
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import _dragbench_sample
+from helpers import dragbench_sample
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ print(json.dumps(out))
 
 def _env(**extra):
     env = dict(os.environ, JAXDRAG_COMPILE_CACHE="0", **extra)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -81,7 +81,7 @@ def _split_run(model, data, out, *extra):
 def test_two_processes_split_a_dataset(tiny_models, tmp_path):
     data, out = tmp_path / "bench", tmp_path / "out"
     for i in range(5):
-        _dragbench_sample(data / "cat" / f"s{i}", i)
+        dragbench_sample(data / "cat" / f"s{i}", i)
     start = _split_run(tiny_models[0], data, out)
     procs = [start(i) for i in range(2)]
     logs = [p.communicate(timeout=1200) for p in procs]
@@ -103,7 +103,7 @@ def test_a_killed_peer_is_named_and_a_rerun_completes(tiny_models, tmp_path):
 
     data, out = tmp_path / "bench", tmp_path / "out"
     for i in range(6):
-        _dragbench_sample(data / "cat" / f"s{i}", i)
+        dragbench_sample(data / "cat" / f"s{i}", i)
     start = _split_run(tiny_models[0], data, out, "--batch-size", "1", "--peer-timeout", "15")
 
     p0, p1 = start(0), start(1)

@@ -25,8 +25,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from jaxdrag.drag import DragHypers, make_runner, resolve  # noqa: E402
-from jaxdrag.testing.torch_reference import (  # noqa: E402
-    D, ITERS, LAT, NETS, P, SUP, T, T_STAR, TorchRef, rel_error, standin_weights)
+from jaxdrag.testing.standins import D, ITERS, LAT, NETS, P, SUP, T, T_STAR, rel_error, standin_weights  # noqa: E402
+from jaxdrag.testing.torch_reference import TorchRef  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- JAX side

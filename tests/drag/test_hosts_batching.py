@@ -1,7 +1,7 @@
 """GoodDrag, FreeDrag and DragNoise (with and without DragText) batched over edits: a batch of
 different edits (own latents, prompts, point counts padded to one slot count, masks and
 hyperparameters) equals the edits run one by one, and a hyperparameter sweep run as one batch
-equals separate runs. Same stand-in networks as ``test_hosts_vs_torch``."""
+equals separate runs. Same stand-in networks as the torch parity tests (``jaxdrag.testing.standins``)."""
 
 import dataclasses
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from jaxdrag.drag import DragHypers, make_runner, resolve
-from test_drag_step_vs_torch import LAT, SUP, T
-from test_hosts_vs_torch import FREE, GOOD, NETS, NOISE_NETS, _weights, noise_weights
+from jaxdrag.testing.standins import FEATURE_NETS as NETS
+from jaxdrag.testing.standins import FREE, GOOD, LAT, NOISE_NETS, SUP, T, noise_weights, standin_weights
 
 SHORT = {"gooddrag": dict(GOOD, drag_end_step=1, track_per_step=1), "freedrag": dict(FREE, max_iters=2),
          "dragnoise": dict(max_iters=2)}
@@ -20,7 +20,7 @@ LONG = {"gooddrag": GOOD, "freedrag": dict(FREE, l_expected=1.0), "dragnoise": d
 
 
 def _nets(method):
-    return (NOISE_NETS, noise_weights()) if method.startswith("dragnoise") else (NETS, _weights())
+    return (NOISE_NETS, noise_weights()) if method.startswith("dragnoise") else (NETS, standin_weights())
 
 
 def _edit(seed, handles, targets, n_slots, masked):

@@ -15,20 +15,15 @@ import jaxdrag
 from jaxdrag import EditRequest, EditSettings, LoRASettings, RequestError
 from jaxdrag.cli import main
 from jaxdrag.errors import SettingsError
+from helpers import synthetic_image
 
 FAST = EditSettings(lora=LoRASettings(steps=4))
-
-
-def _img(h=96, w=128, seed=0):
-    rs = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / w
-    return (np.stack([yy, xx, 1 - yy], -1) * 200 + rs.rand(h, w, 3) * 55).astype(np.uint8)
 
 
 @pytest.fixture
 def png(tmp_path):
     p = tmp_path / "img.png"
-    Image.fromarray(_img()).save(p)
+    Image.fromarray(synthetic_image()).save(p)
     return p
 
 
@@ -123,7 +118,7 @@ def _malformed(rng: np.random.Generator, base: np.ndarray) -> dict:
 
 def test_random_malformed_requests_give_named_errors(tiny_pipe):
     rng = np.random.default_rng(0)
-    base = _img()
+    base = synthetic_image()
     kinds = set()
     for i in range(60):
         fields = _malformed(rng, base)
@@ -138,7 +133,7 @@ def test_random_malformed_requests_give_named_errors(tiny_pipe):
 
 
 def test_diverging_learning_rate_is_reported_and_the_batch_goes_on(tiny_pipe, tmp_path):
-    img = _img()
+    img = synthetic_image()
     reqs = [EditRequest(image=img, points=[[40, 30], [60, 35]], prompt="a", name="good0"),
             EditRequest(image=img, points=[[40, 30], [60, 35]], prompt="a", name="bad",
                         hypers={"latent_lr": 1e38}),
@@ -180,7 +175,7 @@ def test_run_skips_random_malformed_pickles(tiny_models, tmp_path, capsys):
     extra keys) are reported and skipped; the good sample still runs."""
     sd, _ = tiny_models
     data = tmp_path / "bench"
-    img = _img()
+    img = synthetic_image()
     good_mask = np.zeros((96, 128), np.uint8)
     good_mask[20:70, 30:100] = 1
     metas = {

@@ -1,6 +1,6 @@
 """The UI's server side without a browser: points, masks and messages (canvas), the settings
 panel (settings), the batching queue with a stand-in ``edit_batch`` (batcher), and the page's
-handlers on a stand-in pipeline (app). The browser test is tests/test_ui_browser.py."""
+handlers on a stand-in pipeline (app). The browser test is tests/ui/test_ui_browser.py."""
 
 from __future__ import annotations
 

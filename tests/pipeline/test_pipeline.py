@@ -13,6 +13,7 @@ from conftest import shared_data
 from helpers import short_run
 from jaxdrag import EditRequest, EditSettings, LoRASettings, RequestError
 from jaxdrag.data import SafeUnpickler, find_samples, prepare, report, safe_load_pickle, write_result
+from helpers import synthetic_image
 
 # One working shape (96×128: latent 12×16, supervision 48×64) and one drag setting for most tests,
 # so the compiled stage programs are shared (XLA compile dominates CPU time); one odd-size case.
@@ -21,10 +22,7 @@ ITERS = 4
 
 
 def synthetic(h=77, w=100, seed=0):
-    rs = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    img = np.stack([yy, xx, 1 - yy], -1) * 200 + rs.rand(h, w, 3) * 55
-    return img.astype(np.uint8)
+    return synthetic_image(h, w, seed)
 
 
 def _check(res, img, method, n_pairs):

@@ -15,15 +15,14 @@ from jaxdrag.data import write_result
 from jaxdrag.drag import DragHypers, make_runner
 from jaxdrag.drag.methods import resolve
 from jaxdrag.errors import SettingsError
+from helpers import synthetic_image
 
 FAST = EditSettings(lora=LoRASettings(steps=2))
 PTS = [(20, 20), (40, 30)]
 
 
 def image(seed=0, hw=(64, 64)):
-    rs = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:hw[0], 0:hw[1]] / max(hw)
-    return (np.stack([yy, xx, 1 - yy], -1) * 200 + rs.rand(*hw, 3) * 55).astype(np.uint8)
+    return synthetic_image(*hw, seed)
 
 
 # ------------------------------------------------------------------ DragText §6 interpolation
