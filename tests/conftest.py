@@ -12,15 +12,22 @@ SHARED = Path(os.environ.get("JAXDRAG_SHARED", Path(__file__).resolve().parents[
 
 
 def pytest_configure(config):
-    """One persistent XLA cache for the session: programs compiled for one pipeline object are
-    reused by the next (the CLI tests build their own)."""
+    """One persistent XLA cache for the session, shared by pytest-xdist's workers (the first
+    process makes it, the workers inherit its place): a program compiled in one worker or for one
+    pipeline object is loaded by the others. The CLI's commands keep their pipelines
+    (``keep_loaded``), so the CLI tests share one toy pipeline and its compiled programs."""
     import tempfile
 
     import jax
 
-    d = Path(tempfile.mkdtemp(prefix="jaxdrag-xla-"))
+    from jaxdrag.cli.models import keep_loaded
+
+    d = os.environ.get("JAXDRAG_TEST_XLA_CACHE")
+    if not d:
+        d = os.environ["JAXDRAG_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxdrag-xla-")
     jax.config.update("jax_compilation_cache_dir", str(d))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    keep_loaded(True)
 
 
 @pytest.fixture(scope="session")

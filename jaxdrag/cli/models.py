@@ -25,6 +25,19 @@ def default_models() -> tuple[Path, Path, str]:
     return sd, clip, "tiny"
 
 
+# pipelines kept for later commands of this process (``keep_loaded``): None = load every time
+_LOADED: dict | None = None
+
+
+def keep_loaded(enabled: bool = True) -> None:
+    """Keep each pipeline ``load_models`` loads and hand it to later commands in this process
+    that ask for the same model, CLIP, VAE and dtype, with its compiled programs (the test suite;
+    a notebook calling ``jaxdrag.cli.main`` repeatedly). Each command gets it in a freshly loaded
+    pipeline's state: the LoRA cache off."""
+    global _LOADED
+    _LOADED = {} if enabled else None
+
+
 def load_models(args, need_clip: bool):
     from ..pipeline import load_pipeline
 
@@ -45,9 +58,16 @@ def load_models(args, need_clip: bool):
     clip = resolve(clip, "clip") if need_clip and clip is not None else None
     vae = getattr(args, "vae", None)
     vae = resolve(vae, "vae") if vae is not None else None
+    key = (str(model), None if clip is None else str(clip), None if vae is None else str(vae), str(args.dtype))
+    if _LOADED is not None and key in _LOADED:
+        pipe = _LOADED[key]
+        pipe.enable_lora_cache(False)
+        return pipe
     t0 = time.perf_counter()
     pipe = load_pipeline(model, clip=clip, dtype=args.dtype, vae=vae)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if _LOADED is not None:
+        _LOADED[key] = pipe
     return pipe
 
 

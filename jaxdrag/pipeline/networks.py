@@ -64,6 +64,7 @@ class Pipeline:
         self.loras_trained = 0  # per-edit LoRAs trained so far (a cached one is not trained again)
         self.inversions_run = 0  # per-edit DDIM inversions run so far (likewise)
         self.progress_relay = ProgressRelay()
+        self._device = jax.local_devices()[0]  # where the weights live (one device; None with a mesh)
 
     def use_devices(self, devices: Sequence | None = None) -> int:
         """Spread every batch over ``devices`` (default: all local devices): the base weights
@@ -73,10 +74,15 @@ class Pipeline:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
         devices = list(jax.local_devices() if devices is None else devices)
+        if len(devices) <= 1 and self.stages.mesh is None and \
+                (devices or jax.local_devices())[0] == self._device:
+            return 1  # already there: the compiled programs stay
         self.release_compiled()
         if len(devices) <= 1:
             self.stages.mesh, place = None, (devices or jax.local_devices())[0]
+            self._device = place
         else:
+            self._device = None
             self.stages.mesh = Mesh(np.array(devices), ("edits",))
             place = NamedSharding(self.stages.mesh, P())
         for comp in (self.sd.unet, self.sd.vae, self.sd.text_encoder, self.clip):
