@@ -121,13 +121,28 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Ar
     return inputs, state
 
 
-def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st: DragState) -> DragState:
-    """One iteration for one edit (see the module docstring); frozen edits return ``st``."""
-    hp = inp.hypers
-    sched = cfg.schedule
+class _Seen(NamedTuple):
+    """What one iteration's forward saw: the pullback, ε and the features (latent block, the text
+    block's or None), the first-iteration references, the tracked handles and which pairs are live."""
+    vjp: Callable
+    eps: Any
+    f_lat: Any
+    f_txt: Any
+    fwd_ok: Any
+    eps0: Any
+    tmpl: Any
+    ref_p: Any
+    ref_t: Any
+    handles: Any
+    active: Any
+    reached: Any
+
+
+def _see(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st: DragState) -> _Seen:
+    """The forward at (z or h, ĉ) with its pullback, the references taken at k = 0, and point
+    tracking (from k = 1) of the handles on this forward's supervision features."""
     t = inp.t_star
-    dragnoise = cfg.host == "dragnoise"
-    if dragnoise:  # the variable is the bottleneck h; z stays z*
+    if cfg.host == "dragnoise":  # the variable is the bottleneck h; z stays z*
         def forward(v, c):
             return nets.features_mid(shared, edit, inp.z0, c, t, v)
     else:
@@ -142,12 +157,6 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     if split:
         fwd_ok = fwd_ok & jnp.all(jnp.isfinite(f_txt))
 
-    def ct(geps, gf, gtxt=None):
-        """A cotangent of the forward's outputs (the text block's part zero unless given)."""
-        if not split:
-            return geps, gf
-        return geps, gf, jnp.zeros_like(f_txt) if gtxt is None else gtxt
-
     first = st.it == 0  # z = z*, ĉ = c: this forward is the reference's F0 / Φ(z*) forward
     eps0 = jnp.where(first, jax.lax.stop_gradient(eps), st.eps0)
     tmpl = jnp.where(first, templates(f, inp.handles0), st.tmpl)
@@ -161,32 +170,47 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     handles = jnp.where((st.it > 0) & fwd_ok, tracked, st.handles)
     dist = jnp.linalg.norm(inp.targets - handles, axis=-1)
     active = inp.mask & (dist >= STOP_DISTANCE)
-    reached = ~jnp.any(active)
+    return _Seen(vjp, eps, f_lat, f_txt, fwd_ok, eps0, tmpl, ref_p, ref_t, handles, active, ~jnp.any(active))
 
-    ref = dict(ref_patches=ref_p, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
+
+def _gradients(nets: DragNetworks, cfg: DragConfig, shared, inp: DragInputs, st: DragState, s: _Seen):
+    """The losses and their gradients for this iteration: the local (motion + background) loss,
+    DragText's text term, CLIPDrag's global term and its fusion. Returns (loss, g_z, g_text or
+    None, the stale latent gradient carried to the next iteration)."""
+    hp, sched, t = inp.hypers, cfg.schedule, inp.t_star
+    dragnoise = cfg.host == "dragnoise"
+    split = s.f_txt is not None
+
+    def ct(geps, gf, gtxt=None):
+        """A cotangent of the forward's outputs (the text block's part zero unless given)."""
+        if not split:
+            return geps, gf
+        return geps, gf, jnp.zeros_like(s.f_txt) if gtxt is None else gtxt
+
+    ref = dict(ref_patches=s.ref_p, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
     lam = background_weight(cfg, hp.lam, inp.z0)
 
     def local_loss(v, e, fl):
-        ms = motion_supervision(upsample_features(fl, cfg.sup_hw), handles, inp.targets, inp.mask,
+        ms = motion_supervision(upsample_features(fl, cfg.sup_hw), s.handles, inp.targets, inp.mask,
                                 r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, **ref)
         # Φ(z) − Φ(z*) = Φ(z − z*, ε − ε*) (Φ is linear): exactly 0 where nothing changed,
         # in particular everywhere at k = 0, as in the reference (DragNoise: z = z*)
         dz = jnp.zeros_like(inp.z0) if dragnoise else v - inp.z0
-        return ms + background_loss(ddim_step(sched, dz, e - eps0, t), inp.keep, lam)
+        return ms + background_loss(ddim_step(sched, dz, e - s.eps0, t), inp.keep, lam)
 
     loss, (gz_local, geps_local, gf_local) = jax.value_and_grad(local_loss, argnums=(0, 1, 2))(
-        st.z, eps, f_lat)
+        st.z, s.eps, s.f_lat)
     cotangents = [ct(geps_local, gf_local)]
     if cfg.optimize_text:
         # ∇_ĉ(L + L_text) with L_text = L_ms + n·λ_t·reg; ∂L/∂F = ∂L_ms/∂F
         if split:  # L_text's motion term on the text block's features (App. H)
-            ref_txt = dict(ref_patches=ref_t, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
+            ref_txt = dict(ref_patches=s.ref_t, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
 
             def text_motion(ft):
-                return motion_supervision(upsample_features(ft, cfg.sup_hw), handles, inp.targets, inp.mask,
+                return motion_supervision(upsample_features(ft, cfg.sup_hw), s.handles, inp.targets, inp.mask,
                                           r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, **ref_txt)
 
-            cotangents.append(ct(geps_local, gf_local, jax.grad(text_motion)(f_txt)))
+            cotangents.append(ct(geps_local, gf_local, jax.grad(text_motion)(s.f_txt)))
         else:
             cotangents.append(text_cotangent(geps_local, gf_local, gf_local))
     if cfg.use_clip:
@@ -194,20 +218,20 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
             return clip_loss(nets.clip_image(shared, predict_x0(sched, z, e, t)), inp.clip_text,
                              hp.clip_coef)
 
-        gloss, (gz_global, geps_global) = jax.value_and_grad(global_loss, argnums=(0, 1))(st.z, eps)
-        cotangents.append(ct(geps_global, jnp.zeros_like(f_lat)))
+        gloss, (gz_global, geps_global) = jax.value_and_grad(global_loss, argnums=(0, 1))(st.z, s.eps)
+        cotangents.append(ct(geps_global, jnp.zeros_like(s.f_lat)))
         loss = loss + gloss
     # one pullback per cotangent (2–3 backward passes through the one forward). Not vmapped over
     # the stacked cotangents: JAX's batching rule for cuDNN attention's backward fails on the JAX
     # we pin (jax-ml/jax#38495), so a vmapped VJP would crash DragText and CLIPDrag on GPUs.
-    pulled = [vjp(ct) for ct in cotangents]
+    pulled = [s.vjp(c) for c in cotangents]
     vz = [p[0] for p in pulled]
     vc = [p[1] for p in pulled]
 
     g_local = gz_local + vz[0]
-    stale = st.stale
+    stale, g_text = st.stale, None
     if cfg.optimize_text:
-        n_active = jnp.sum(active).astype(jnp.float32)
+        n_active = jnp.sum(s.active).astype(jnp.float32)
         g_text = text_gradient(vc[1], st.c, inp.c0, inp.token_mask, n_active * hp.text_lam)
         loss = loss + text_loss(st.c, inp.c0, inp.token_mask, n_active * hp.text_lam)
         if cfg.stale_latent_grad:
@@ -216,6 +240,16 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     g_z = g_local
     if cfg.use_clip:
         g_z = fuse(g_local, gz_global + vz[-1], hp.fuse_weight, cfg.fusion)
+    return loss, g_z, g_text, stale
+
+
+def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st: DragState) -> DragState:
+    """One iteration for one edit (see the module docstring): see and track (``_see``), the
+    gradients (``_gradients``), the Adam updates, the divergence checks; frozen edits return ``st``."""
+    hp = inp.hypers
+    s = _see(nets, cfg, shared, edit, inp, st)
+    loss, g_z, g_text, stale = _gradients(nets, cfg, shared, inp, st, s)
+    handles, reached, fwd_ok = s.handles, s.reached, s.fwd_ok
 
     upd_z, opt_z = _ADAM.update(g_z, st.opt_z)
     z_new = st.z - hp.latent_lr * upd_z
@@ -246,7 +280,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
 
     return DragState(
         z=z_out, c=c_out,
-        eps0=pick(eps0, st.eps0, live), tmpl=pick(tmpl, st.tmpl, live), ref=pick(ref_p, st.ref, live),
+        eps0=pick(s.eps0, st.eps0, live), tmpl=pick(s.tmpl, st.tmpl, live), ref=pick(s.ref_p, st.ref, live),
         opt_z=pick(opt_z, st.opt_z, update), opt_c=pick(opt_c, st.opt_c, update),
         handles=h_out,
         it=it_new,
@@ -255,7 +289,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
         losses=jnp.where(update, st.losses.at[st.it].set(loss), st.losses),
         stale=pick(stale, st.stale, update),
         **failure_update(st, fail_now, checks),
-        ref_text=pick(ref_t, st.ref_text, live),
+        ref_text=pick(s.ref_t, st.ref_text, live),
         snap_z=snap(z_out, st.snap_z), snap_c=snap(c_out, st.snap_c),
         snap_it=jnp.where(at_cap, it_new, st.snap_it), snap_handles=snap(h_out, st.snap_handles))
 
