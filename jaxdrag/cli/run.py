@@ -16,11 +16,8 @@ from .options import add_drag_options, add_model_options, batch_size_arg, drag_o
 
 
 def cmd_run(args) -> int:
-    from tqdm import tqdm
-
-    from ..data import find_samples, is_done, write_json, write_result
+    from ..data import is_done, write_json
     from ..drag.methods import resolve
-    from ..pipeline import edit_batch
 
     from .. import cluster
 
@@ -30,20 +27,15 @@ def cmd_run(args) -> int:
     pid, nproc = where.pid, where.nproc
     if not args.peer_timeout > 0:
         raise SettingsError(f"--peer-timeout {args.peer_timeout}: must be > 0 seconds")
-    cfg, _ = resolve(args.method, **drag_overrides(args))
-    settings = edit_settings(args)
-    samples = find_samples(args.dataset)
-    if args.only:
-        samples = [s for s in samples if s.name in set(args.only)]
-    if args.limit:
-        samples = samples[:args.limit]
-    out = Path(args.out)
-    n_all = len(samples)
-    names = [s.name for s in samples]
-    samples = samples[pid::nproc]  # this process's share (every process lists the same samples)
-    todo = [s for s in samples if not is_done(out / s.name)]
     if not args.compile_workers >= 0:
         raise SettingsError(f"--compile-workers {args.compile_workers}: must be ≥ 0")
+    cfg, _ = resolve(args.method, **drag_overrides(args))
+    settings = edit_settings(args)
+    samples, names = _select_samples(args)
+    n_all = len(samples)
+    samples = samples[pid::nproc]  # this process's share (every process lists the same samples)
+    out = Path(args.out)
+    todo = [s for s in samples if not is_done(out / s.name)]
     if args.compile_only:
         return _compile_only(args, samples, cfg, settings)
     coord = peer = None
@@ -58,46 +50,10 @@ def cmd_run(args) -> int:
     loaded = _read_samples(todo, args.seed, failures)
     stats: dict = {}
     ran: list[str] = []
-    pipe = None
     try:
         if loaded:
-            pipe = load_models(args, cfg.use_clip)
-            n_dev = pipe.use_devices(local_devices(args.devices))
-            if n_dev > 1:
-                print(f"edits spread over {n_dev} devices", file=sys.stderr)
-            bar = tqdm(total=len(loaded), desc="samples", disable=args.quiet)
-
-            def on_result(i, res):  # written as each batch finishes: an interrupted run loses nothing
-                nonlocal done
-                s = loaded[i][0]
-                res.name = s.name
-                write_result(res, out / s.name)
-                ran.append(s.name)
-                if peer is not None and res.failure is None:
-                    peer.finish(s.name)
-                if res.failure is not None:
-                    d = res.failure.get("diverged", {})
-                    failures[s.name] = (f"diverged at iteration {d.get('iteration')} "
-                                        f"({d.get('what')} became non-finite)")
-                else:
-                    done += 1
-                bar.update(1)
-
-            def on_error(indices, e):  # a failing batch is reported, the run goes on
-                traceback.print_exception(e, file=sys.stderr)
-                for i in indices:
-                    failures[loaded[i][0].name] = f"{type(e).__name__}: {e}"
-                bar.update(len(indices))
-
-            edit_batch(pipe, [r for _, r in loaded], args.method, settings=settings, progress=not args.quiet,
-                       on_result=on_result, on_error=on_error, compile_workers=args.compile_workers,
-                       **drag_overrides(args))
-            bar.close()
+            done += _edit_samples(args, cfg, settings, loaded, out, peer, failures, ran, stats)
     finally:  # a summary even when the run is interrupted or a batch crashes the process
-        if pipe is not None:
-            stats["compile"] = {"programs": sum(pipe.stages.compiles.values()),
-                                "seconds": round(sum(pipe.stages.compile_s.values()), 1),
-                                "per_stage": dict(pipe.stages.compiles)}
         summary = {"dataset": str(args.dataset), "method": args.method, "total": len(samples), "done": done,
                    "failed": failures, **stats, "wall_s": round(time.perf_counter() - t_start, 1)}
         missing = []
@@ -108,6 +64,72 @@ def cmd_run(args) -> int:
     print(json.dumps({"done": done, "failed": len(failures), "summary": str(out / "summary.json"),
                       **({"missing": len(missing)} if missing else {})}))
     return 0 if not failures and not missing else 1
+
+
+def _select_samples(args) -> tuple[list, list[str]]:
+    """The dataset's samples after ``--only`` and ``--limit``, and their names (every process of a
+    distributed run lists the same)."""
+    from ..data import find_samples
+
+    samples = find_samples(args.dataset)
+    if args.only:
+        samples = [s for s in samples if s.name in set(args.only)]
+    if args.limit:
+        samples = samples[:args.limit]
+    return samples, [s.name for s in samples]
+
+
+def _edit_samples(args, cfg, settings, loaded: list, out: Path, peer, failures: dict, ran: list,
+                  stats: dict) -> int:
+    """Load the model and edit the read samples in batches, writing each result as its batch
+    finishes (an interrupted run loses nothing); failures and the names run are recorded in
+    ``failures`` / ``ran``, the compile counts of this run in ``stats``. Returns the edits done."""
+    from tqdm import tqdm
+
+    from ..data import write_result
+    from ..pipeline import edit_batch
+
+    done = 0
+    pipe = load_models(args, cfg.use_clip)
+    n_dev = pipe.use_devices(local_devices(args.devices))
+    if n_dev > 1:
+        print(f"edits spread over {n_dev} devices", file=sys.stderr)
+    n0, s0 = dict(pipe.stages.compiles), dict(pipe.stages.compile_s)
+    bar = tqdm(total=len(loaded), desc="samples", disable=args.quiet)
+
+    def on_result(i, res):
+        nonlocal done
+        s = loaded[i][0]
+        res.name = s.name
+        write_result(res, out / s.name)
+        ran.append(s.name)
+        if peer is not None and res.failure is None:
+            peer.finish(s.name)
+        if res.failure is not None:
+            d = res.failure.get("diverged", {})
+            failures[s.name] = (f"diverged at iteration {d.get('iteration')} "
+                                f"({d.get('what')} became non-finite)")
+        else:
+            done += 1
+        bar.update(1)
+
+    def on_error(indices, e):  # a failing batch is reported, the run goes on
+        traceback.print_exception(e, file=sys.stderr)
+        for i in indices:
+            failures[loaded[i][0].name] = f"{type(e).__name__}: {e}"
+        bar.update(len(indices))
+
+    try:
+        edit_batch(pipe, [r for _, r in loaded], args.method, settings=settings, progress=not args.quiet,
+                   on_result=on_result, on_error=on_error, compile_workers=args.compile_workers,
+                   **drag_overrides(args))
+        bar.close()
+    finally:
+        per_stage = {k: n - n0.get(k, 0) for k, n in pipe.stages.compiles.items() if n > n0.get(k, 0)}
+        stats["compile"] = {"programs": sum(per_stage.values()),
+                            "seconds": round(sum(pipe.stages.compile_s.values()) - sum(s0.values()), 1),
+                            "per_stage": per_stage}
+    return done
 
 
 def _compile_only(args, samples, cfg, settings) -> int:
