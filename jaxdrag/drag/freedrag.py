@@ -179,6 +179,28 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0, c0, handles0,
     return inp, st
 
 
+def _block_start(f, st: FreeDragState, inp: DragInputs, w: int):
+    """At the first step of a block (``st.inner == 0``): close the previous block (its end loss,
+    the per-point done signs, the adaptive template update), the stop test, and the line search
+    for the block's sub-targets q. Returns (at_start, l_end, sign, tmpl, all points done, q, the
+    line-search type per point); outside a block start the state's values."""
+    hp = inp.hypers
+    at_start = st.inner == 0
+    l_end_c, sign_c, tmpl_c = close_block(f, st, inp.targets, inp.mask, w=w, l_expected=hp.l_expected)
+    close = at_start & st.started
+    l_end = jnp.where(close, l_end_c, st.l_end)
+    sign = jnp.where(close, sign_c, st.sign)
+    tmpl = jnp.where(close, tmpl_c, st.tmpl)
+    all_done = jnp.all(sign)
+    q_ls, lt_ls = jax.vmap(lambda q, tt, tm, li, le: line_search(
+        f, q, tt, tm, li, le, w=w, l_expected=hp.l_expected, d_max=hp.d_max))(
+        st.handles, inp.targets, tmpl, st.l_ini, l_end)
+    search = at_start & ~sign & inp.mask
+    q = jnp.where(search[:, None], q_ls, st.handles)
+    ltype = jnp.where(at_start, search & lt_ls, st.ltype)
+    return at_start, l_end, sign, tmpl, all_done, q, ltype
+
+
 def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st: FreeDragState) -> FreeDragState:
     """One forward: close the previous block and line-search when a block starts, then one Adam
     step (module docstring). Frozen edits return ``st``."""
@@ -195,19 +217,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     st = st._replace(tmpl=tmpl0)
 
     # ---- block start: close the previous block, stop test, line search
-    at_start = st.inner == 0
-    l_end_c, sign_c, tmpl_c = close_block(f, st, inp.targets, inp.mask, w=w, l_expected=hp.l_expected)
-    close = at_start & st.started
-    l_end = jnp.where(close, l_end_c, st.l_end)
-    sign = jnp.where(close, sign_c, st.sign)
-    tmpl = jnp.where(close, tmpl_c, st.tmpl)
-    all_done = jnp.all(sign)
-    q_ls, lt_ls = jax.vmap(lambda q, tt, tm, li, le: line_search(
-        f, q, tt, tm, li, le, w=w, l_expected=hp.l_expected, d_max=hp.d_max))(
-        st.handles, inp.targets, tmpl, st.l_ini, l_end)
-    search = at_start & ~sign & inp.mask
-    q = jnp.where(search[:, None], q_ls, st.handles)
-    ltype = jnp.where(at_start, search & lt_ls, st.ltype)
+    at_start, l_end, sign, tmpl, all_done, q, ltype = _block_start(f, st, inp, w)
 
     # ---- one Adam step on this forward
     lam = background_weight(cfg, hp.lam, inp.z0)

@@ -124,30 +124,15 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0, c0, handles0,
     return (inp, pre), st
 
 
-def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inputs, st: GoodDragState) -> GoodDragState:
-    """One forward and one drag or denoise iteration for one edit (module docstring)."""
-    inp, pre = inputs
-    hp = inp.hypers
-    sched = cfg.schedule
-    jj = jnp.minimum(st.j, cfg.drag_end_step - 1)
-    t = timestep(cfg, inp.t_star, st.j)
-    (eps, f_lat), vjp = jax.vjp(lambda z, c: nets.features(shared, edit, z, c, t), st.z, st.c)
-    f = upsample_features(f_lat, cfg.sup_hw)
-    fwd_ok = jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(f_lat))
-    tmpl, ref = pre.tmpl[jj], pre.ref[jj]
-
-    def do_track(h):
-        return track(f, tmpl, h, inp.targets, inp.mask, r=cfg.r_p)
-
-    handles = jnp.where(st.first & fwd_ok, do_track(st.handles), st.handles)
-    dist = jnp.linalg.norm(inp.targets - handles, axis=-1)
-    reached = ~jnp.any(inp.mask & (dist >= STOP_DISTANCE))
-    stop = ~st.pending & (reached | (st.no_change >= cfg.max_track_no_change))
-    denoise_now = st.pending | stop
-
-    # ---- drag iteration: losses and gradients on this forward
+def _drag_update(cfg: DragConfig, inp, pre, st: GoodDragState, jj, t, eps, f_lat, vjp, handles):
+    """GoodDrag's drag iteration on this forward: the motion loss against the step's reference
+    patches, the background term against the step's source latent, their gradients (and
+    DragText's), one Adam step of z (and ĉ). Returns (loss, L_ms, the motion weight, z, opt_z, ĉ,
+    opt_c) after the update."""
+    hp, sched = inp.hypers, cfg.schedule
     weight = float((2 * cfg.r_m) ** 2) if cfg.ms_weight is None else cfg.ms_weight
     lam = background_weight(cfg, hp.lam, inp.z0)
+    ref = pre.ref[jj]
 
     def local_loss(z, e, fl):
         ms = motion_supervision(upsample_features(fl, cfg.sup_hw), handles, inp.targets, inp.mask,
@@ -169,6 +154,32 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inputs, st: GoodDrag
         g_text = text_gradient(pulled[1][1], st.c, inp.c0, inp.token_mask, hp.text_lam)
         c_drag, opt_c = text_step(st.c, st.opt_c, g_text, hp.text_lr)
         loss = loss + text_loss(st.c, inp.c0, inp.token_mask, hp.text_lam)
+    return loss, ms, weight, z_drag, opt_z, c_drag, opt_c
+
+
+def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inputs, st: GoodDragState) -> GoodDragState:
+    """One forward and one drag or denoise iteration for one edit (module docstring)."""
+    inp, pre = inputs
+    hp = inp.hypers
+    sched = cfg.schedule
+    jj = jnp.minimum(st.j, cfg.drag_end_step - 1)
+    t = timestep(cfg, inp.t_star, st.j)
+    (eps, f_lat), vjp = jax.vjp(lambda z, c: nets.features(shared, edit, z, c, t), st.z, st.c)
+    f = upsample_features(f_lat, cfg.sup_hw)
+    fwd_ok = jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(f_lat))
+    tmpl = pre.tmpl[jj]
+
+    def do_track(h):
+        return track(f, tmpl, h, inp.targets, inp.mask, r=cfg.r_p)
+
+    handles = jnp.where(st.first & fwd_ok, do_track(st.handles), st.handles)
+    dist = jnp.linalg.norm(inp.targets - handles, axis=-1)
+    reached = ~jnp.any(inp.mask & (dist >= STOP_DISTANCE))
+    stop = ~st.pending & (reached | (st.no_change >= cfg.max_track_no_change))
+    denoise_now = st.pending | stop
+
+    # ---- drag iteration: losses, gradients and the Adam updates on this forward
+    loss, ms, weight, z_drag, opt_z, c_drag, opt_c = _drag_update(cfg, inp, pre, st, jj, t, eps, f_lat, vjp, handles)
     cur_drag = st.cur_drag + 1
     need_track = (cur_drag >= cfg.max_drag_per_track) | (ms <= hp.drag_loss_threshold * weight)
     tracked = jnp.where(need_track, do_track(handles), handles)  # F before this update
