@@ -1,0 +1,162 @@
+"""Where a method's ToyBench error comes from, read from a finished run's ``toybench.json``
+(no editing): per method, the tasks whose point tracking reached the targets against those that ran
+into the iteration cap, and the error by drag length.
+
+For every dragged object: ``fraction`` = the object's displacement projected on its drag, over the
+drag's length (1 = moved exactly as far as asked along the drag, 0 = did not move); ``rel_error``
+= |displacement − drag| / |drag| (ToyBench's error). An object that did not survive has no
+displacement and counts in ``lost``. With the run's folders next to the JSON, also the task's
+``tracked`` fraction (the tracked handles' final displacement projected on their drags, mean over
+handles: where point tracking believes the content went) and the iterations per supervision pixel
+the tracked handles moved (how fast the latent optimisation carries the content).
+
+    python -m jaxdrag.toy.breakdown runs/toybench/toybench.json [--out DIR]
+
+writes ``breakdown.json`` / ``breakdown.md`` and ``breakdown.png`` (error against drag length,
+reached against capped) into DIR (default: next to the input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+LENGTH_BINS = ((0.0, 12.0), (12.0, 16.0), (16.0, 20.0), (20.0, 1e9))  # px
+
+
+def tracking(report: dict) -> tuple[float, float]:
+    """(tracked fraction, iterations per supervision px moved by the tracked handles) of one edit's
+    ``report.json``; the supervision map is half the image (DragDiffusion), so 1 sup px = 2 px."""
+    h0 = np.asarray(report["points"]["initial_handles"], float)
+    tg = np.asarray(report["points"]["targets"], float)
+    h1 = np.asarray(report["final_handles"], float)
+    drag, moved = tg - h0, h1 - h0
+    frac = float(np.mean(np.sum(moved * drag, -1) / np.maximum(np.sum(drag * drag, -1), 1e-9)))
+    sup_px = float(np.mean(np.linalg.norm(moved, axis=-1))) / 2.0
+    return frac, (report["iterations"] / sup_px if sup_px > 0 else float("inf"))
+
+
+def objects(per_task: dict, run_dir: Path | None = None) -> list[dict]:
+    """One row per dragged object of one method's tasks: length (px), rel_error, fraction (NaN
+    when lost), reached (the task's tracking reached every target), iterations, kind, survived;
+    with ``run_dir`` (the method's folder of the run) also tracked and iters_per_sup_px."""
+    rows = []
+    for t in per_task.values():
+        rep = None if run_dir is None else Path(run_dir) / t["name"] / "report.json"
+        tr = tracking(json.loads(rep.read_text())) if rep is not None and rep.exists() else (float("nan"),) * 2
+        for o in t["objects"]:
+            drag = np.asarray(o["drag"], float)
+            length = float(np.linalg.norm(drag))
+            moved = np.asarray(o["moved"], float)
+            frac = float(moved @ drag / length ** 2) if np.all(np.isfinite(moved)) else float("nan")
+            rows.append({"task": t["name"], "kind": t["kind"], "length": length, "rel_error": float(o["rel_error"]),
+                         "fraction": frac, "reached": bool(t["reached"]), "iterations": int(t["iterations"]),
+                         "survived": bool(o["survived"]), "tracked": tr[0], "iters_per_sup_px": tr[1]})
+    return rows
+
+
+def _summary(rows: list[dict]) -> dict:
+    if not rows:
+        return {"objects": 0}
+    err = np.array([r["rel_error"] for r in rows])
+    frac = np.array([r["fraction"] for r in rows])
+    trk = np.array([r.get("tracked", np.nan) for r in rows])
+    ipp = np.array([r.get("iters_per_sup_px", np.nan) for r in rows])
+    return {"objects": len(rows), "median_rel_error": float(np.nanmedian(err)),
+            "median_fraction": float(np.nanmedian(frac)) if np.isfinite(frac).any() else None,
+            "median_tracked": float(np.nanmedian(trk)) if np.isfinite(trk).any() else None,
+            "median_iters_per_sup_px": (float(np.median(ipp[np.isfinite(ipp)])) if np.isfinite(ipp).any()
+                                        else None),
+            "within_25": float(np.mean(err <= 0.25)), "lost": int(np.sum(~np.isfinite(frac))),
+            "mean_iterations": float(np.mean([r["iterations"] for r in rows]))}
+
+
+def breakdown(per_task: dict, run_dir: Path | None = None) -> dict:
+    """{"all", "reached", "capped", "by_length": {"lo–hi px": …}, "by_kind": {…}} of one method."""
+    rows = objects(per_task, run_dir)
+    out = {"all": _summary(rows),
+           "reached": _summary([r for r in rows if r["reached"]]),
+           "capped": _summary([r for r in rows if not r["reached"]]),
+           "by_length": {}, "by_kind": {}}
+    for lo, hi in LENGTH_BINS:
+        name = f"{lo:g}–{hi:g} px" if hi < 1e9 else f"≥ {lo:g} px"
+        out["by_length"][name] = _summary([r for r in rows if lo <= r["length"] < hi])
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        out["by_kind"][kind] = _summary([r for r in rows if r["kind"] == kind])
+    out["reached_share"] = float(np.mean([r["reached"] for r in rows])) if rows else 0.0
+    return out
+
+
+def markdown(result: dict) -> str:
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f} %"
+
+    lines = ["| method | objects | group | median error / drag | median fraction moved | median fraction tracked | ≤ 25 % | lost | mean iterations | iterations per tracked sup px |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method, b in result.items():
+        groups = [("all", b["all"]), (f"tracking reached ({pct(b['reached_share'])} of objects)", b["reached"]),
+                  ("ran into the iteration cap", b["capped"])]
+        groups += [(f"drag {k}", v) for k, v in b["by_length"].items()]
+        groups += [(k, v) for k, v in b["by_kind"].items()]
+        for name, s in groups:
+            if not s.get("objects"):
+                continue
+            lines.append(f"| {method} | {s['objects']} | {name} | {pct(s['median_rel_error'])} | "
+                         f"{pct(s['median_fraction'])} | {pct(s.get('median_tracked'))} | {pct(s['within_25'])} | "
+                         f"{s['lost']} | {s['mean_iterations']:.1f} | "
+                         f"{'—' if s.get('median_iters_per_sup_px') is None else format(s['median_iters_per_sup_px'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(per_method: dict, path: Path) -> Path:
+    """Error / drag against drag length, one panel per method, reached (o) and capped (x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_method)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False, sharey=True)
+    for ax, m in zip(axes[0], names):
+        rows = objects(per_method[m])
+        for reached, marker, label in ((True, "o", "tracking reached"), (False, "x", "iteration cap")):
+            sel = [r for r in rows if r["reached"] == reached]
+            ax.scatter([r["length"] for r in sel], [100 * r["rel_error"] for r in sel], marker=marker, label=label,
+                       alpha=0.75)
+        ax.axhline(25, color="gray", lw=0.8, ls="--")
+        ax.set_title(m)
+        ax.set_xlabel("drag length (px)")
+    axes[0][0].set_ylabel("displacement error / drag (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxdrag.toy.breakdown", description=__doc__.split("\n\n")[0])
+    ap.add_argument("toybench_json", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--methods", default=None, help="comma-separated (default: every method of the run)")
+    args = ap.parse_args(argv)
+    run = json.loads(args.toybench_json.read_text())
+    per_method = run["per_task"]
+    if args.methods:
+        per_method = {m: per_method[m] for m in args.methods.split(",")}
+    out = args.out or args.toybench_json.parent
+    out.mkdir(parents=True, exist_ok=True)
+    root = args.toybench_json.parent
+    result = {m: breakdown(p, root / m if (root / m).is_dir() else None) for m, p in per_method.items()}
+    (out / "breakdown.json").write_text(json.dumps(result, indent=1))
+    (out / "breakdown.md").write_text(markdown(result))
+    plot(per_method, out / "breakdown.png")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
