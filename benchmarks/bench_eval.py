@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import device_info  # noqa: E402
 from jaxdrag import tiny  # noqa: E402
@@ -47,7 +46,7 @@ def torch_eval(samples, results: Path, dift_folder: Path, lpips_state: dict, ens
     import torch
     import torch.nn.functional as F
 
-    from helpers import TorchDift, import_lpips, torch_match
+    from jaxdrag.testing.torch_reference import TorchDift, import_lpips, torch_match
 
     torch.manual_seed(42)
     dift = TorchDift(dift_folder)

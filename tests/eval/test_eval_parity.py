@@ -13,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import TorchDift, import_lpips, nchw, nhwc, torch_match  # noqa: E402
+from helpers import nchw, nhwc  # noqa: E402
+from jaxdrag.testing.torch_reference import TorchDift, import_lpips, torch_match  # noqa: E402
 from jaxdrag import tiny  # noqa: E402
 from jaxdrag.eval import load_clip_image, load_dift, load_lpips  # noqa: E402
 from jaxdrag.eval.image import clip_preprocess, resize_bilinear  # noqa: E402
