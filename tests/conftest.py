@@ -73,3 +73,20 @@ def readme_demo(tmp_path_factory):
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout), cwd / "demo_out"
+
+
+# pytest-xdist (``-n 2 --dist loadgroup``, pyproject's addopts): tests that share compiled programs
+# run in the same worker so they share them in memory as in one process: every test of the
+# session's tiny pipeline in one group, the command line, toy-model and UI tests (one kept toy
+# pipeline, the README demo run) in another; the rest (parity tests with their own small programs)
+# go wherever a worker is free.
+_TOY_ROOMS = ("cli", "toy", "ui", "sweep")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        room = Path(str(item.fspath)).parent.name
+        if {"tiny_pipe", "tiny_models"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("tiny"))
+        elif room in _TOY_ROOMS:
+            item.add_marker(pytest.mark.xdist_group("toy"))
