@@ -5,10 +5,12 @@
 # project's own random initialiser. The PyTorch side-by-side is the separate, optional step
 # "torch" (needs torch + diffusers + transformers).
 #
-#   bash benchmarks/gpu_run.sh OUTDIR [env|smoke|plan|edit1|edit8|torch|all]   (all = the torch-free steps)
+#   bash benchmarks/gpu_run.sh OUTDIR [env|smoke|plan|edit1|edit8|dragbench|torch|all]   (all = the torch-free steps)
 #
 # Wheels: when the machine lacks the packages, put them in .whl/ (installed to /tmp/site, no index).
 # REMAT=off|blocks|dots picks the remat policy of the batch-8 edit (default dots).
+# dragbench: DragBench (DRAGBENCH=folder, default ../shared/data/DragBench; DB_LIMIT samples, default all
+# 205) with faithful DragText, compilation included (issue 25's goal: under 12 minutes on one H100).
 set -uo pipefail
 out=${1:?output folder}; what=${2:-all}
 mkdir -p "$out"
@@ -44,6 +46,15 @@ fi
 if step edit8; then
   run edit8 570 python3 benchmarks/bench_edit.py --model sd15 --res 512 --dtype bfloat16 --batch 8 --once \
     --remat "${REMAT:-dots}" --no-torch --out "$out/gpu_edit_b8.json"
+fi
+if step dragbench; then
+  db=${DRAGBENCH:-../shared/data/DragBench}
+  if [ -d "$db" ]; then
+    run dragbench 590 python3 benchmarks/dragbench_run.py "$db" --model sd15 --dtype bfloat16 --batch-size 8 \
+      --limit "${DB_LIMIT:-205}" --out "$out/gpu_dragbench.json"
+  else
+    echo "== dragbench: $db not present, skipped" | tee -a "$out/commands.txt"
+  fi
 fi
 if step torch; then  # optional: the PyTorch reference of the same work, same process and weights
   run torch_steps 570 python3 benchmarks/bench_steps.py --model sd15 --res 512 --dtype bfloat16 --batch 1 8 \
