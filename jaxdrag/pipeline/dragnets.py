@@ -24,8 +24,8 @@ def drag_networks(pipe: "Pipeline", clip_double_unit_map: bool = False, remat: s
     (``shared["guide"]`` = {"uncond": (T, D), "scale": ()}); ε = ε_u + s·(ε_c − ε_u) and
     the features are [(1 − κ)·F_u, κ·F_c] along channels, κ = s/(2s − 1)."""
     key = ("nets", clip_double_unit_map, remat, text_block, guided)
-    with pipe._jit_lock:
-        if key not in pipe._jit:
+    with pipe.jit_lock:
+        if key not in pipe.jit_cache:
             fb = pipe.feature_block
             n_up = len(pipe.sd.unet.cfg.block_out_channels)
             if text_block is not None and not 0 <= text_block < n_up:
@@ -68,8 +68,8 @@ def drag_networks(pipe: "Pipeline", clip_double_unit_map: bool = False, remat: s
                 return taps["mid"][0].astype(jnp.float32)
 
             mid = (features_mid, bottleneck) if not guided else (None, None)
-            pipe._jit[key] = DragNetworks(features, clip_image if pipe.clip is not None else None, *mid)
-        return pipe._jit[key]
+            pipe.jit_cache[key] = DragNetworks(features, clip_image if pipe.clip is not None else None, *mid)
+        return pipe.jit_cache[key]
 
 
 def drag_runner(pipe: "Pipeline", cfg: DragConfig, clip_double_unit_map: bool = False, progress: bool = False,
@@ -78,11 +78,11 @@ def drag_runner(pipe: "Pipeline", cfg: DragConfig, clip_double_unit_map: bool = 
     to ``pipe.progress_relay.target`` (set it before the call). ``guided``: see
     ``drag_networks`` (then ``shared_params`` must be given the guidance)."""
     key = ("runner", cfg, clip_double_unit_map, bool(progress), remat, guided)
-    with pipe._jit_lock:
-        if key not in pipe._jit:
+    with pipe.jit_lock:
+        if key not in pipe.jit_cache:
             nets = pipe.drag_networks(clip_double_unit_map, remat, cfg.text_feature_block, guided)
-            pipe._jit[key] = make_runner(nets, cfg, pipe.progress_relay if progress else None)
-        return pipe._jit[key]
+            pipe.jit_cache[key] = make_runner(nets, cfg, pipe.progress_relay if progress else None)
+        return pipe.jit_cache[key]
 
 
 def shared_params(pipe: "Pipeline", use_clip: bool, guide: dict | None = None):
@@ -92,7 +92,7 @@ def shared_params(pipe: "Pipeline", use_clip: bool, guide: dict | None = None):
     if guide is not None:
         shared["guide"] = guide
     if use_clip:
-        pipe._need_clip()
+        pipe.require_clip()
         shared["vae"] = pipe.sd.vae.params
         shared["clip"] = pipe.clip.params
     return shared

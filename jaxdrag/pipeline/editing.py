@@ -347,7 +347,7 @@ def _extra_denoise_plans(pipe: Pipeline, cfg: DragConfig, settings: EditSettings
         start = plan["z_src"]
         if host.variable_start is not None:  # e.g. DragNoise's bottleneck at (z*, c)
             nets = pipe.drag_networks(settings.clip_double_unit_map, settings.remat)
-            fn = pipe._j(f"variable_start_{host.name}_{settings.remat}_{settings.clip_double_unit_map}",
+            fn = pipe.jitted(f"variable_start_{host.name}_{settings.remat}_{settings.clip_double_unit_map}",
                          jax.vmap(lambda *a: host.variable_start(nets, *a), in_axes=(None, 0, 0, 0, None)))
             start = fn(shared, loras, zt, c0, jnp.int32(t_star))
         for a in settings.interpolation:
@@ -429,7 +429,7 @@ def _prepare_requests(pipe: Pipeline, requests: Sequence, method: str, settings:
     cfg, hyp = resolve(method, **overrides)
     settings = (settings or EditSettings()).for_method(method)
     if cfg.use_clip:
-        pipe._need_clip()
+        pipe.require_clip()
     native = pipe.native_width
     width = native if settings.width is None else (settings.width or None)
     for i, r in enumerate(requests):  # every request's type and hyperparameters before any work

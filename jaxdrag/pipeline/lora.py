@@ -115,7 +115,7 @@ def train_lora(pipe: "Pipeline", images_lora: Array, ctx: Array, keys: Array, se
     reference's RandomCrop; the identity for square images), timesteps and noise.
     Returns (lora (B, …), losses (steps, B, )).
     """
-    enc = pipe._j("vae_enc_post", lambda p, x: pipe.vae_encode_apply(p, x))
+    enc = pipe.jitted("vae_enc_post", lambda p, x: pipe.vae_encode_apply(p, x))
     mean, logvar = pipe.stages("lora_encode", enc, pipe.sd.vae.params, images_lora)
     std = jnp.exp(0.5 * logvar)
     n_lat = pipe.native_width // 8
@@ -133,10 +133,10 @@ def train_lora(pipe: "Pipeline", images_lora: Array, ctx: Array, keys: Array, se
     while done < settings.steps:
         n = min(settings.chunk, settings.steps - done)
         key = ("lora", settings.batch, settings.remat, n, crop)  # lr and weight decay are traced
-        with pipe._jit_lock:
-            if key not in pipe._jit:
-                pipe._jit[key] = lora_chunk_fn(pipe, settings, n, crop)
-        loras, opts, k_steps, l = pipe.stages("lora", pipe._jit[key], pipe.sd.unet.params, loras, opts,
+        with pipe.jit_lock:
+            if key not in pipe.jit_cache:
+                pipe.jit_cache[key] = lora_chunk_fn(pipe, settings, n, crop)
+        loras, opts, k_steps, l = pipe.stages("lora", pipe.jit_cache[key], pipe.sd.unet.params, loras, opts,
                                               k_steps, mean, std, ctx, lrs, wds)
         losses.append(l)
         done += n

@@ -54,10 +54,10 @@ class Pipeline:
 
     def __post_init__(self):
         self.stages = Stages()
-        self._jit: dict = {}
+        self.jit_cache: dict = {}
         # jitted functions are made once even when stages are compiled from several threads
         # (``editing.compile_ahead``): a second maker of the same function would compile it again
-        self._jit_lock = threading.RLock()
+        self.jit_lock = threading.RLock()
         # per-image LoRAs reused by later edits of the same image, prompt, seed and LoRA settings
         # (``enable_lora_cache``); None = off
         self.lora_cache: dict | None = None
@@ -117,7 +117,7 @@ class Pipeline:
         functions (JAX keeps a function's executables alive as long as the function lives). A
         later edit compiles again (from the persistent compilation cache when it is on)."""
         self.stages.clear()
-        self._jit.clear()
+        self.jit_cache.clear()
 
     def measuring(self, one_device: bool = True) -> "Pipeline":
         """A view of this pipeline whose stages compile and measure instead of running
@@ -168,46 +168,49 @@ class Pipeline:
     def clip_text_apply(self, params, ids):
         return nnx.merge(self.clip.graphdef, params).text_embeds(ids)
 
-    def _j(self, name, fn, **kw):
-        with self._jit_lock:
-            if name not in self._jit:
-                self._jit[name] = jax.jit(fn, **kw)
-            return self._jit[name]
+    def jitted(self, name, fn, **kw):
+        """``jax.jit(fn, **kw)`` made once per ``name`` for this pipeline (thread-safe): the rooms'
+        programs are cached on the pipeline, so a second call traces nothing new."""
+        with self.jit_lock:
+            if name not in self.jit_cache:
+                self.jit_cache[name] = jax.jit(fn, **kw)
+            return self.jit_cache[name]
 
     # -------------------------------------------------------------- public network methods
     def encode_prompt(self, prompts: Sequence[str]) -> Array:
         ids = jnp.asarray(self.tokenizer.ids(list(prompts)))
-        return self._j("text", self.text_apply)(self.sd.text_encoder.params, ids)
+        return self.jitted("text", self.text_apply)(self.sd.text_encoder.params, ids)
 
     def unet(self, latents, t, text_emb, lora=None, *, reference: bool = False):
         lora = lora if lora is not None else jax.tree.map(
             lambda s: jnp.zeros(s.shape, jnp.float32), self.sd.unet.lora)
-        fn = self._j(f"unet_ref{reference}",
+        fn = self.jitted(f"unet_ref{reference}",
                      lambda p, lo, x, t, c: self.unet_apply(p, lo, x, t, c, reference=reference)[0])
         t = jnp.broadcast_to(jnp.asarray(t), (latents.shape[0],))
         return fn(self.sd.unet.params, lora, jnp.asarray(latents, jnp.float32), t,
                   jnp.asarray(text_emb, jnp.float32))
 
     def vae_encode(self, images) -> Array:
-        fn = self._j("vae_enc", lambda p, x: self.vae_encode_apply(p, x)[0] * self.scaling_factor)
+        fn = self.jitted("vae_enc", lambda p, x: self.vae_encode_apply(p, x)[0] * self.scaling_factor)
         return fn(self.sd.vae.params, jnp.asarray(images, jnp.float32))
 
     def vae_decode(self, latents) -> Array:
-        return self._j("vae_dec", self.vae_decode_apply)(self.sd.vae.params, jnp.asarray(latents, jnp.float32))
+        return self.jitted("vae_dec", self.vae_decode_apply)(self.sd.vae.params, jnp.asarray(latents, jnp.float32))
 
-    def _need_clip(self):
+    def require_clip(self):
+        """Raise unless a CLIP model is loaded (CLIPDrag's methods need it)."""
         if self.clip is None:
             raise ValueError("this pipeline has no CLIP model: pass clip=PATH to load_pipeline "
                              "(an HF CLIP ViT-B/16 folder) for CLIPDrag")
 
     def clip_image_embeds(self, images) -> Array:
-        self._need_clip()
-        return self._j("clip_img", self.clip_image_apply)(self.clip.params, jnp.asarray(images, jnp.float32))
+        self.require_clip()
+        return self.jitted("clip_img", self.clip_image_apply)(self.clip.params, jnp.asarray(images, jnp.float32))
 
     def clip_text_embeds(self, prompts: Sequence[str]) -> Array:
-        self._need_clip()
+        self.require_clip()
         ids = jnp.asarray(self.clip_tokenizer.ids(list(prompts)))
-        return self.stages("clip_text", self._j("clip_txt", self.clip_text_apply), self.clip.params, ids)
+        return self.stages("clip_text", self.jitted("clip_txt", self.clip_text_apply), self.clip.params, ids)
 
     # -------------------------------------------------------------- editing stages (batched)
     def lora_template(self):
@@ -245,11 +248,11 @@ class Pipeline:
 
     def encode_images(self, images: Array) -> Array:
         """Posterior mean × scaling factor (the latent DragDiffusion inverts)."""
-        fn = self._j("vae_enc", lambda p, x: self.vae_encode_apply(p, x)[0] * self.scaling_factor)
+        fn = self.jitted("vae_enc", lambda p, x: self.vae_encode_apply(p, x)[0] * self.scaling_factor)
         return self.stages("encode", fn, self.sd.vae.params, images)
 
     def encode_text_ids(self, ids) -> Array:
-        return self.stages("text", self._j("text", self.text_apply), self.sd.text_encoder.params,
+        return self.stages("text", self.jitted("text", self.text_apply), self.sd.text_encoder.params,
                            jnp.asarray(ids))
 
     def drag_networks(self, clip_double_unit_map: bool = False, remat: str = "off", text_block: int | None = None,

@@ -29,7 +29,7 @@ def invert(pipe: "Pipeline", loras, z0: Array, ctx: Array, strength: float) -> A
             return inversion_step(pipe.schedule, z, eps, t), None
         return jax.lax.scan(body, z, ts)[0]
 
-    fn = pipe._j(("invert", strength), jax.vmap(one, in_axes=(None, 0, 0, 0)))
+    fn = pipe.jitted(("invert", strength), jax.vmap(one, in_axes=(None, 0, 0, 0)))
     return pipe.stages("invert", fn, pipe.sd.unet.params, loras, z0, ctx)
 
 
@@ -73,7 +73,7 @@ def denoise(pipe: "Pipeline", loras, z_src: Array, z_edit: Array, c_src: Array, 
             return jnp.where(k >= s0, ddim_step(pipe.schedule, z, eps, t), z), None
         return jax.lax.scan(body, jnp.stack([zs, ze]), jnp.arange(n_steps))[0][1]
 
-    fn = pipe._j(("denoise", strength, reference, with_mid, mid_steps, guided),
+    fn = pipe.jitted(("denoise", strength, reference, with_mid, mid_steps, guided),
                  jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
     return pipe.stages("denoise", fn, pipe.sd.unet.params, loras, z_src, z_edit, c_src, c_edit,
                        start, mid, uncond, jnp.asarray(scale, jnp.float32))
@@ -118,7 +118,7 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, seed: int | Sequence[i
         z_end, z_k = jax.lax.scan(body, (z, z), jnp.arange(len(ts)))[0]
         return z_end, z_k
 
-    fn = pipe._j(("generate", sched, k_stop), run)
+    fn = pipe.jitted(("generate", sched, k_stop), run)
     z, z_k = pipe.stages("generate", fn, pipe.sd.unet.params, z, cond, uncond, jnp.float32(guidance_scale))
     images = pipe.decode_to_uint8(z, (h, w))
     return (images, z) if stop_at is None else (images, z, z_k)
@@ -128,4 +128,4 @@ def decode_to_uint8(pipe: "Pipeline", latents: Array, out_hw: tuple[int, int]) -
     """VAE decode → clamp to [0, 1] → bilinear resize to ``out_hw`` → uint8 (truncated)."""
     def fn(params, z):
         return to_uint8(bilinear_resize(pipe.vae_decode_apply(params, z), out_hw))
-    return pipe.stages("decode", pipe._j(("decode", out_hw), fn), pipe.sd.vae.params, latents)
+    return pipe.stages("decode", pipe.jitted(("decode", out_hw), fn), pipe.sd.vae.params, latents)

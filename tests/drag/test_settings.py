@@ -97,10 +97,10 @@ def test_lora_learning_rate_and_weight_decay_are_traced(tiny_pipe):
     keys = jax.random.split(jax.random.PRNGKey(0), 2)
     out = {}
     for lr, wd in ((1e-3, 1e-2), (2e-3, 0.0)):
-        before = {k for k in tiny_pipe._jit if k[0] == "lora"}
+        before = {k for k in tiny_pipe.jit_cache if k[0] == "lora"}
         lora, losses = tiny_pipe.train_lora(imgs, ctx, keys, LoRASettings(steps=2, lr=lr, weight_decay=wd, chunk=2))
         out[lr] = [np.asarray(x) for x in jax.tree.leaves(lora)]
         if lr != 1e-3:
-            assert {k for k in tiny_pipe._jit if k[0] == "lora"} == before  # no new program
+            assert {k for k in tiny_pipe.jit_cache if k[0] == "lora"} == before  # no new program
     diff = lambda a, b: max(float(np.abs(x - y).max()) for x, y in zip(out[a], out[b]))
     assert diff(1e-3, 2e-3) > 1e-6

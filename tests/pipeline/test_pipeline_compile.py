@@ -27,7 +27,7 @@ def _img(h, w, seed):
 def _fresh(pipe):
     """The same networks with nothing compiled in memory (the persistent cache still serves)."""
     view = copy.copy(pipe)
-    view.stages, view._jit, view._jit_lock, view.lora_cache = Stages(), {}, threading.RLock(), None
+    view.stages, view.jit_cache, view.jit_lock, view.lora_cache = Stages(), {}, threading.RLock(), None
     return view
 
 
