@@ -286,6 +286,9 @@ class App:
 
     # ------------------------------------------------------------------ the page
     def blocks(self):
+        """The Gradio page. One function on purpose: ``gr.Blocks`` declares the layout and its event
+        wiring in one ``with`` context (components must exist inside it before they are wired),
+        so the page reads top to bottom as it is shown; the behaviour lives in the methods it wires."""
         first = _session(self.first)
         labels = [c.label for c in self.choices]
         d = self.method_fields(self.default_method)
