@@ -79,7 +79,7 @@ def browser():
 
 def _open(d, url):
     d.get(url)
-    ub.wait_for(lambda: ub.css_all(d, "#points img"), 60, "the points view")
+    ub.wait_for(lambda: ub.css_all(d, "#points img"), 180, "the points view")
     ub.wait_for(lambda: "handle (33, 69)" in ub.text_of(d, "points_text"), 30, "the demo sample's points")
 
 
@@ -102,7 +102,7 @@ def test_ui_edits_in_a_browser(server, browser, tmp_path):
     # --- bad input: a message in the page, never a traceback (the first answer may wait for the
     # server's start-up compiles: measured > 20 s on 2 loaded cores with a cold compile cache)
     ub.click(d, "clear")
-    ub.wait_for(lambda: ub.text_of(d, "points_text").startswith("no points"), 90, "points cleared")
+    ub.wait_for(lambda: ub.text_of(d, "points_text").startswith("no points"), 240, "points cleared")
     ub.click(d, "run")
     assert _status(d, "no points") == "⚠ no points: click a handle on the image, then the target it should move to"
     ub.click_pixel(d, "points", (40, 72), SCALE)
