@@ -217,13 +217,26 @@ def _inverted(pipe: Pipeline, group: list, settings: EditSettings, loras, c0, n_
     if cache is not None and all(k in cache for k in keys):
         timings["encode"] = timings["invert"] = 0.0
         return jnp.stack([cache[k] for k in keys])
-    z0 = timed("encode", pipe.encode_images, jnp.asarray(np.stack([p.image for p in group])))
-    zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
-    pipe.inversions_run += n_real
+    b = len(group)
+    if cache is None:
+        rows, missing = np.arange(b), None
+    else:
+        # each missing inversion run once, however many edits of the batch share it (a sweep's grid
+        # points): the batch's rows are its distinct missing edits, padded to b with the first
+        missing = list(dict.fromkeys(k for k in keys[:n_real] if k not in cache))
+        first = [keys.index(k) for k in missing]
+        rows = np.asarray(first + first[:1] * (b - len(first)))
     if cache is not None:
-        for i, k in enumerate(keys[:n_real]):
-            cache[k] = zt[i]
-    return zt
+        loras, c0 = jax.tree.map(lambda x: x[rows], loras), c0[rows]
+    z0 = timed("encode", pipe.encode_images, jnp.asarray(np.stack([group[i].image for i in rows])))
+    zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
+    if cache is None:
+        pipe.inversions_run += n_real
+        return zt
+    pipe.inversions_run += len(missing)
+    for j, k in enumerate(missing):
+        cache[k] = zt[j]
+    return jnp.stack([cache[k] for k in keys])
 
 
 def _start_latents(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, c0, n_real: int,

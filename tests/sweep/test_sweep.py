@@ -88,6 +88,7 @@ def test_sweep_points_equal_edits_alone_one_lora_per_sample_and_resume(tiny_pipe
                 log=lambda s: None)
     cost = res["cost"]
     assert cost["edits_run"] == 8 and cost["loras_trained"] == 2  # N LoRAs, N × G drags
+    assert cost["inversions_run"] == 2  # and N inversions: a sample's grid points share it in the batch
     assert len(cost["groups"]) == 1 and cost["groups"][0]["points"] == 4
     tab = json.loads((out / "table.json").read_text())
     assert [e["label"] for e in tab["points"]] == ["text_lam=0,latent_lr=0.01", "text_lam=0,latent_lr=0.03",
