@@ -11,7 +11,8 @@ hyperparameters on a leading axis (``jax.vmap``). Stages are compiled ahead of t
 Rooms: ``pixels`` (pixel-space helpers), ``stages`` (the compile cache, export, devices, memory
 measurement), ``networks`` (``Pipeline``: the networks, devices, jit caches; ``load_pipeline``), ``lora`` (the per-edit
 LoRA), ``sampling`` (inversion, denoising, generation, decoding), ``dragnets`` (the drag engine's view of
-the networks), ``editing`` (orchestration), ``assemble`` (results). Every name is importable from ``jaxdrag.pipeline`` as before.
+the networks), ``settings`` (``EditSettings``), ``group`` (one batch through every stage), ``editing``
+(requests, batches, planning, compiling ahead; ``edit_batch``), ``assemble`` (results). Every name is importable from ``jaxdrag.pipeline`` as before.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .pixels import tree_bytes, pool_matrix, adaptive_avg_pool, clip_pixels, bil
 from .stages import ProgressRelay, Bar, Stages, CUDNN_TARGETS
 from .lora import LoRASettings, check_remat
 from .networks import Pipeline, load_pipeline
-from .editing import EditSettings, pow2_bucket, plan_batch, edit_batch, edit, compile_for
+from .settings import EditSettings
+from .editing import pow2_bucket, plan_batch, edit_batch, edit, compile_for
 
 __all__ = ["tree_bytes", "pool_matrix", "adaptive_avg_pool", "clip_pixels", "bilinear_resize", "to_uint8", "Array", "CLIP_MEAN", "CLIP_STD", "ProgressRelay", "Bar", "Stages", "CUDNN_TARGETS", "LoRASettings", "check_remat", "Pipeline", "load_pipeline", "EditSettings", "pow2_bucket", "plan_batch", "edit_batch", "edit", "compile_for"]

@@ -48,9 +48,9 @@ def test_partial_batches_and_handle_counts_share_one_program(tiny_pipe):
 
 
 def test_a_failing_batch_is_reported_and_the_rest_run(tiny_pipe, monkeypatch):
-    import jaxdrag.pipeline.editing as pl  # the orchestration room (not `edit`: that name is the function)
+    import jaxdrag.pipeline.group as pl  # the room that runs one batch
 
-    real = pl._run_group
+    real = pl.run_group
     calls = []
 
     def flaky(pipe, group, *a, **k):
@@ -59,7 +59,7 @@ def test_a_failing_batch_is_reported_and_the_rest_run(tiny_pipe, monkeypatch):
             raise RuntimeError("boom")
         return real(pipe, group, *a, **k)
 
-    monkeypatch.setattr(pl, "_run_group", flaky)
+    monkeypatch.setattr(pl, "run_group", flaky)
     reqs = [EditRequest(synthetic(96, 128, 7), [(20, 30), (28, 36)], name="a"),
             EditRequest(synthetic(128, 128, 8)[:96], [(20, 30), (28, 36)], name="b")]
     errors = []
