@@ -46,14 +46,14 @@ def cmd_run(args) -> int:
         print(f"process {pid} of {nproc}: {len(samples)} of the {n_all} samples", file=sys.stderr)
     print(f"{len(samples)} samples, {len(samples) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
     failures: dict[str, str] = {}
-    done = len(samples) - len(todo)
     loaded = _read_samples(todo, args.seed, failures)
-    stats: dict = {}
+    stats: dict = {"done": len(samples) - len(todo)}  # counted up as results are written
     ran: list[str] = []
     try:
         if loaded:
-            done += _edit_samples(args, cfg, settings, loaded, out, peer, failures, ran, stats)
+            _edit_samples(args, cfg, settings, loaded, out, peer, failures, ran, stats)
     finally:  # a summary even when the run is interrupted or a batch crashes the process
+        done = stats.pop("done")
         summary = {"dataset": str(args.dataset), "method": args.method, "total": len(samples), "done": done,
                    "failed": failures, **stats, "wall_s": round(time.perf_counter() - t_start, 1)}
         missing = []
@@ -80,16 +80,16 @@ def _select_samples(args) -> tuple[list, list[str]]:
 
 
 def _edit_samples(args, cfg, settings, loaded: list, out: Path, peer, failures: dict, ran: list,
-                  stats: dict) -> int:
+                  stats: dict) -> None:
     """Load the model and edit the read samples in batches, writing each result as its batch
     finishes (an interrupted run loses nothing); failures and the names run are recorded in
-    ``failures`` / ``ran``, the compile counts of this run in ``stats``. Returns the edits done."""
+    ``failures`` / ``ran``, ``stats["done"]`` counts up with every edit written (so an interrupted
+    run's summary counts what was written) and ``stats["compile"]`` holds this run's compiles."""
     from tqdm import tqdm
 
     from ..data import write_result
     from ..pipeline import edit_batch
 
-    done = 0
     pipe = load_models(args, cfg.use_clip)
     n_dev = pipe.use_devices(local_devices(args.devices))
     if n_dev > 1:
@@ -98,7 +98,6 @@ def _edit_samples(args, cfg, settings, loaded: list, out: Path, peer, failures: 
     bar = tqdm(total=len(loaded), desc="samples", disable=args.quiet)
 
     def on_result(i, res):
-        nonlocal done
         s = loaded[i][0]
         res.name = s.name
         write_result(res, out / s.name)
@@ -110,7 +109,7 @@ def _edit_samples(args, cfg, settings, loaded: list, out: Path, peer, failures: 
             failures[s.name] = (f"diverged at iteration {d.get('iteration')} "
                                 f"({d.get('what')} became non-finite)")
         else:
-            done += 1
+            stats["done"] += 1
         bar.update(1)
 
     def on_error(indices, e):  # a failing batch is reported, the run goes on
@@ -129,7 +128,6 @@ def _edit_samples(args, cfg, settings, loaded: list, out: Path, peer, failures: 
         stats["compile"] = {"programs": sum(per_stage.values()),
                             "seconds": round(sum(pipe.stages.compile_s.values()) - sum(s0.values()), 1),
                             "per_stage": per_stage}
-    return done
 
 
 def _compile_only(args, samples, cfg, settings) -> int:
