@@ -34,6 +34,7 @@ from jaxdrag.testing import torch_reference as tref  # noqa: E402
 from jaxdrag.drag import DragHypers, make_runner, prepare_batch, resolve, step  # noqa: E402
 from jaxdrag.models.lora import init_lora  # noqa: E402
 from jaxdrag.pipeline import EditSettings, LoRASettings  # noqa: E402
+from jaxdrag.pipeline.lora import lora_chunk_fn  # noqa: E402
 
 
 def batch_of(x, b):
@@ -101,7 +102,7 @@ def bench_jax(pipe, b, res, iters, loop_iters):
     # DragDiffusion's LoRA defaults (steps, lr) filled in as an edit would
     settings = EditSettings(lora=LoRASettings(batch=4, chunk=iters)).for_method("dragdiffusion").lora
     crop = lat_hw
-    fn = pipe._lora_chunk_fn(settings, iters, crop)
+    fn = lora_chunk_fn(pipe, settings, iters, crop)
     rs = np.random.RandomState(1)
     means = jnp.asarray(rs.randn(b, *lat_hw, 4).astype(np.float32))
     stds = jnp.full((b, *lat_hw, 4), 0.1, jnp.float32)
