@@ -47,7 +47,10 @@ def test_every_method_end_to_end(tiny_pipe, method, tmp_path):
     res = jaxdrag.edit(tiny_pipe, img, [(40, 30), (60, 35), (80, 60), (70, 50)], "a colourful gradient",
                        mask=mask, method=method, settings=FAST, **short_run(method, ITERS))
     _check(res, img, method, 2)
-    assert res.iterations > 0 and np.isfinite(res.losses).all()
+    # every host runs its budget of ITERS updates on this drag, but FreeDrag, whose stop test at the
+    # start of its second block ends these edits after 2 (measured; deterministic)
+    assert res.iterations == (2 if method.startswith("freedrag") else ITERS)
+    assert np.isfinite(res.losses).all()
     assert res.config["reference_attention"] == (not method.startswith("dragnoise"))
     if "dragtext" in method or method.startswith("clipdrag"):
         assert res.config["hypers"]["text_lr"] == 0.004 or not method.endswith("dragtext")
