@@ -305,21 +305,8 @@ class TorchRef:
         x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
         return ap.sqrt() * x0 + (1 - ap).sqrt() * eps
 
-    @staticmethod
-    def patch(feat, y1, y2, x1, x2):
-        """The reference's interpolate_feature_patch: one set of bilinear weights for the patch."""
-        x1f, y1f = torch.floor(x1).long(), torch.floor(y1).long()
-        x1c, y1c = x1f + 1, y1f + 1
-        dx, dy = torch.floor(x2).long() - x1f, torch.floor(y2).long() - y1f
-        wa = (x1c.float() - x1) * (y1c.float() - y1)
-        wb = (x1c.float() - x1) * (y1 - y1f.float())
-        wc = (x1 - x1f.float()) * (y1c.float() - y1)
-        wd = (x1 - x1f.float()) * (y1 - y1f.float())
-        Ia = feat[:, :, y1f:y1f + dy, x1f:x1f + dx]
-        Ib = feat[:, :, y1c:y1c + dy, x1f:x1f + dx]
-        Ic = feat[:, :, y1f:y1f + dy, x1c:x1c + dx]
-        Id = feat[:, :, y1c:y1c + dy, x1c:x1c + dx]
-        return Ia * wa + Ib * wb + Ic * wc + Id * wd
+    # the reference's interpolate_feature_patch: one set of bilinear weights for the patch
+    patch = staticmethod(interpolate_feature_patch)
 
     def ms_loss(self, f):
         cfg, loss, n = self.cfg, 0.0, 0
