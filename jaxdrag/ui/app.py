@@ -39,6 +39,13 @@ def _same_image(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return float(np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16)))) < 2.0
 
 
+def _same_mask(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Two painted masks (None: nothing painted) mark the same pixels."""
+    if a is None or b is None:
+        return (a is None or not a.any()) and (b is None or not b.any())
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
 def _shown(v) -> str:
     """A settings field's text: the number, or empty where the method does not read it."""
     return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
@@ -94,7 +101,10 @@ class App:
 
     def on_editor(self, value, s: dict):
         """The editor's value saved (an upload, strokes, a cleared canvas): (points view, points
-        text, state, status, new image?). A new image resets the points, masks and prompts."""
+        text, state, status, new image?). A new image resets the points, masks and prompts.
+        Returns None when the value changes nothing (the same image, the same painted mask): the
+        editor fires ``change`` after it initialises on page load, carrying the state of the moment
+        the event was sent, and writing that state back would undo a click or a clear made since."""
         try:
             image, mask = canvas.from_editor(value)
         except canvas.InputError as e:
@@ -103,6 +113,8 @@ class App:
             s = {**_session(), "run": s["run"]}
             return (*self.points_view(s), s, "", True)
         new = not _same_image(image, s["image"])
+        if not new and _same_mask(mask, s["painted"]):
+            return None
         if new:
             s = {**_session(), "image": image, "run": s["run"]}
         s = {**s, "painted": mask}
@@ -357,7 +369,10 @@ class App:
 
             view_out = [points_img, points_text, state, status]
             def editor_saved(value, s):
-                *out, new = self.on_editor(value, s)
+                saved = self.on_editor(value, s)
+                if saved is None:  # nothing changed: write nothing (a click made meanwhile stays)
+                    return (gr.skip(),) * (len(view_out) + 2)
+                *out, new = saved
                 return (*out, *(("", "") if new else (gr.skip(), gr.skip())))
             for event in (editor.upload, editor.change, editor.apply, editor.clear):
                 event(editor_saved, [editor, state], [*view_out, prompt, edit_prompt], queue=False)

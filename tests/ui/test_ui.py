@@ -349,8 +349,12 @@ def test_app_generate_then_edit_the_generation(app):
     assert "write the prompt" in app.generate("", 0, 7.5, _session())[-1]
     # the editor handing back the same image keeps the generation; a new upload drops it
     same = {"background": np.concatenate([s["image"], np.full((128, 128, 1), 255, np.uint8)], -1), "layers": []}
-    *_, s2, _, new = app.on_editor(same, s)
+    assert app.on_editor(same, s) is None  # nothing changed: nothing written (a later click stays)
+    painted = np.zeros((128, 128, 4), np.uint8)
+    painted[40:60, 40:60] = 255
+    *_, s2, _, new = app.on_editor({**same, "layers": [painted]}, s)
     assert not new and s2["generation"] is not None and s2["points"] == s["points"]
+    assert s2["painted"].sum() == 400
     other = {"background": np.zeros((128, 128, 3), np.uint8), "layers": []}
     *_, s3, status, new = app.on_editor(other, s)
     assert new and s3["generation"] is None and s3["points"] == [] and "new image" in status
