@@ -19,14 +19,15 @@ from .layers import GroupNorm, Identity, Linear
 Array = jax.Array
 
 
-def _xla_attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
+def _xla_attention(q: Array, k: Array, v: Array, causal: bool, key_mask: Array | None = None) -> Array:
     """softmax(q kᵀ/√H) v with float32 logits and softmax; output in q's dtype.
 
     Heads are folded into the batch ((B·N, T, H) operands: plain batched matmuls) and the
     normalisation is applied after the value product (dividing (T, H) instead of (T, S)); the
     row max is a constant for autodiff (softmax is shift-invariant, so the gradient is exact).
     On XLA:CPU this is 10× faster forward and 1.5× forward + backward than the einsum over
-    (B, N, T, S) logits at SD's 16×16 / 256-token level (benchmarks/RESULTS.md)."""
+    (B, N, T, S) logits at SD's 16×16 / 256-token level (benchmarks/RESULTS.md).
+    ``key_mask`` (B, S) bool: keys that get no weight where False (a masked canvas's padding)."""
     b, t, n, h = q.shape
     s = k.shape[1]
     fold = lambda x: x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h)
@@ -35,6 +36,9 @@ def _xla_attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
     if causal:
         mask = jnp.tril(jnp.ones((t, s), bool))
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    if key_mask is not None:
+        keep = jnp.broadcast_to(key_mask[:, None, None, :], (b, n, 1, s)).reshape(b * n, 1, s)
+        logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
     e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
     out = jnp.einsum("xts,xsh->xth", e.astype(v.dtype), fold(v), preferred_element_type=jnp.float32)
     out = out / e.sum(axis=-1, keepdims=True)
@@ -138,12 +142,18 @@ def cudnn_applies(q: Array, impl: str, kv_len: int | None = None) -> bool:
     return ok
 
 
-def attention(q: Array, k: Array, v: Array, *, causal: bool = False, impl: str = "auto") -> Array:
+def attention(q: Array, k: Array, v: Array, *, causal: bool = False, impl: str = "auto",
+              key_mask: Array | None = None) -> Array:
     """Scaled dot-product attention, (B, T, N, H) → (B, T, N, H).
 
     GPU with 16-bit inputs: cuDNN's fused kernel. CPU, long non-causal sequences (T ≥ 1024, a
-    multiple of 128): ``blocked_attention``. Otherwise XLA's einsum-softmax-einsum."""
-    if cudnn_applies(q, impl, k.shape[1]):
+    multiple of 128): ``blocked_attention``. Otherwise XLA's einsum-softmax-einsum.
+    ``key_mask`` (B, S) bool (a masked canvas's valid tokens) always takes XLA's kernel: the
+    valid cells of a canvas are not a prefix of the flattened tokens, which the fused kernels'
+    sequence lengths would need."""
+    if key_mask is not None:
+        out = _xla_attention(q, k, v, causal, key_mask)
+    elif cudnn_applies(q, impl, k.shape[1]):
         out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     else:
         t = q.shape[1]
@@ -155,12 +165,14 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, impl: str =
     return checkpoint_name(out, "attention")  # saved by the "dots" remat policy
 
 
-def reference_attention(q: Array, k: Array, v: Array, *, impl: str = "auto") -> Array:
+def reference_attention(q: Array, k: Array, v: Array, *, impl: str = "auto",
+                        key_mask: Array | None = None) -> Array:
     """Mutual self-attention (MasaCtrl): every batch row's queries attend to the keys and values
     of row 0 only: out_b = softmax(Q_b K_0ᵀ/√H) V_0. Implemented as one attention call with the
-    queries of all rows concatenated along the token axis."""
+    queries of all rows concatenated along the token axis (``key_mask``: row 0's is used)."""
     b, t, n, h = q.shape
-    out = attention(q.reshape(1, b * t, n, h), k[:1], v[:1], impl=impl)
+    out = attention(q.reshape(1, b * t, n, h), k[:1], v[:1], impl=impl,
+                    key_mask=None if key_mask is None else key_mask[:1])
     return out.reshape(b, t, n, h)
 
 
@@ -184,16 +196,19 @@ class CrossAttention(nnx.Module):
         self.heads = heads
         self.attn_impl = attn_impl
 
-    def __call__(self, x: Array, context: Array | None = None, *, reference: bool = False) -> Array:
+    def __call__(self, x: Array, context: Array | None = None, *, reference: bool = False,
+                 key_mask: Array | None = None) -> Array:
+        """``key_mask`` (B, T) bool, self-attention only: the valid tokens of a masked canvas."""
         ctx = x if context is None else context
+        key_mask = key_mask if context is None else None
         b, t, _ = x.shape
         q = self.to_q(x).reshape(b, t, self.heads, -1)
         k = self.to_k(ctx).reshape(b, ctx.shape[1], self.heads, -1)
         v = self.to_v(ctx).reshape(b, ctx.shape[1], self.heads, -1)
         if reference:
-            out = reference_attention(q, k, v, impl=self.attn_impl)
+            out = reference_attention(q, k, v, impl=self.attn_impl, key_mask=key_mask)
         else:
-            out = attention(q, k, v, impl=self.attn_impl)
+            out = attention(q, k, v, impl=self.attn_impl, key_mask=key_mask)
         return self.to_out[0](out.reshape(b, t, -1))
 
 
@@ -211,13 +226,14 @@ class SpatialSelfAttention(nnx.Module):
         self.to_out = nnx.List([Linear(channels, channels, **kw), Identity()])
         self.attn_impl = attn_impl
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, canvas=None) -> Array:
         b, h, w, c = x.shape
-        y = self.group_norm(x).reshape(b, h * w, c)
+        y = self.group_norm(x, canvas).reshape(b, h * w, c)
         q = self.to_q(y).reshape(b, h * w, 1, c)
         k = self.to_k(y).reshape(b, h * w, 1, c)
         v = self.to_v(y).reshape(b, h * w, 1, c)
-        out = attention(q, k, v, impl=self.attn_impl)  # head dim C (512): XLA path (see precision.py)
+        km = None if canvas is None else canvas.key_mask((h, w))
+        out = attention(q, k, v, impl=self.attn_impl, key_mask=km)  # head dim C (512): XLA path (see precision.py)
         out = self.to_out[0](out.reshape(b, h * w, c)).reshape(b, h, w, c)
         return out + x.astype(out.dtype)
 

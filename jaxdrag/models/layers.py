@@ -167,7 +167,11 @@ class Conv2d(nnx.Module):
             self.padding = ((padding, padding), (padding, padding))
         self.dtype = dtype
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, canvas=None) -> Array:
+        """``canvas`` (``models.canvas.Canvas``): a kernel larger than 1×1 reads zeros beyond each
+        edit's valid region, as the unpadded convolution reads its zero padding."""
+        if canvas is not None and self.kernel.shape[0] * self.kernel.shape[1] > 1:
+            x = canvas.clean(x)
         y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.padding)
         y = checkpoint_name(y, "conv")  # saved by the "dots" remat policy
         if self.bias is not None:
@@ -188,12 +192,19 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
         self.dtype = dtype
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, canvas=None) -> Array:
+        """``canvas`` (NHWC input only): the statistics count each edit's valid cells only."""
         shape = x.shape
         c = shape[-1]
         xf = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
+        if canvas is None:
+            mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
+            var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
+        else:
+            m = canvas.masks[canvas.level(shape[1:3])].reshape(shape[0], -1, 1, 1)
+            count = jnp.sum(m, axis=1, keepdims=True) * xf.shape[3]
+            mean = jnp.sum(xf * m, axis=(1, 3), keepdims=True) / count
+            var = jnp.sum(jnp.square((xf - mean) * m), axis=(1, 3), keepdims=True) / count
         y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
         y = y * self.scale[...] + self.bias[...]
         return y.astype(self.dtype)

@@ -177,11 +177,11 @@ class ResnetBlock2D(nnx.Module):
         self.conv_shortcut = Conv2d(in_ch, out_ch, 1, dtype=dtype) if in_ch != out_ch else None
         self.output_scale_factor = output_scale_factor
 
-    def __call__(self, x: Array, temb: Array | None) -> Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+    def __call__(self, x: Array, temb: Array | None, canvas=None) -> Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x, canvas)), canvas)
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        h = self.conv2(jax.nn.silu(self.norm2(h, canvas)), canvas)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x.astype(h.dtype) + h
@@ -222,8 +222,8 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = LayerNorm(dim, eps=1e-5, dtype=dtype)
         self.ff = FeedForward(dim, dtype=dtype)
 
-    def __call__(self, x: Array, context: Array, reference: bool) -> Array:
-        x = x + self.attn1(self.norm1(x), reference=reference)
+    def __call__(self, x: Array, context: Array, reference: bool, key_mask: Array | None = None) -> Array:
+        x = x + self.attn1(self.norm1(x), reference=reference, key_mask=key_mask)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -246,15 +246,16 @@ class Transformer2DModel(nnx.Module):
                                   dtype=dtype, attn_impl=attn_impl)
             for _ in range(layers)])
 
-    def __call__(self, x: Array, context: Array, reference: bool) -> Array:
+    def __call__(self, x: Array, context: Array, reference: bool, canvas=None) -> Array:
         b, h, w, c = x.shape
-        y = self.norm(x)
+        y = self.norm(x, canvas)
+        km = None if canvas is None else canvas.key_mask((h, w))
         if self.linear_projection:
             y = self.proj_in(y.reshape(b, h * w, c))
         else:
             y = self.proj_in(y).reshape(b, h * w, c)
         for blk in self.transformer_blocks:
-            y = blk(y, context, reference)
+            y = blk(y, context, reference, km)
         if self.linear_projection:
             y = self.proj_out(y).reshape(b, h, w, c)
         else:
@@ -267,8 +268,8 @@ class Downsample2D(nnx.Module):
         self.conv = Conv2d(ch, ch, 3, stride=2, padding=padding,
                            pad_mode="sym" if padding else "asym01", dtype=dtype)
 
-    def __call__(self, x: Array) -> Array:
-        return self.conv(x)
+    def __call__(self, x: Array, canvas=None) -> Array:
+        return self.conv(x, canvas)
 
 
 class Upsample2D(nnx.Module):
@@ -277,9 +278,14 @@ class Upsample2D(nnx.Module):
     def __init__(self, ch: int, *, dtype):
         self.conv = Conv2d(ch, ch, 3, padding=1, dtype=dtype)
 
-    def __call__(self, x: Array, size: tuple[int, int] | None = None) -> Array:
-        size = size or (2 * x.shape[1], 2 * x.shape[2])
-        return self.conv(nearest_resize(x, size))
+    def __call__(self, x: Array, size: tuple[int, int] | None = None, canvas=None) -> Array:
+        """``canvas``: where it holds indices for the target level (the UNet's, whose upsamplers
+        go to each edit's skip size), each edit gathers its own rows and columns; otherwise (the
+        VAE decoder's exact ×2) the canvas ×2 is the edits' ×2."""
+        out_hw = (2 * x.shape[1], 2 * x.shape[2])
+        if canvas is not None and out_hw in canvas.ups:
+            return self.conv(canvas.upsample(x, out_hw), canvas)
+        return self.conv(nearest_resize(x, size or out_hw), canvas)
 
 
 REMAT_POLICIES = ("off", "blocks", "dots")
@@ -337,15 +343,15 @@ class DownBlock(nnx.Module):
         self.downsamplers = None if final else nnx.List(
             [Downsample2D(out_ch, padding=cfg.downsample_padding, dtype=dtype)])
 
-    def __call__(self, x, temb, context, remat=False):
+    def __call__(self, x, temb, context, remat=False, canvas=None):
         skips = []
         for j, res in enumerate(self.resnets):
-            x = _remat(remat, lambda m, x, t: m(x, t), res, x, temb)
+            x = _remat(remat, lambda m, x, t, v: m(x, t, v), res, x, temb, canvas)
             if self.attentions is not None:
-                x = _remat(remat, lambda m, x, c: m(x, c, False), self.attentions[j], x, context)
+                x = _remat(remat, lambda m, x, c, v: m(x, c, False, v), self.attentions[j], x, context, canvas)
             skips.append(x)
         if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
+            x = self.downsamplers[0](x, canvas)
             skips.append(x)
         return x, skips
 
@@ -377,18 +383,18 @@ class UpBlock(nnx.Module):
         final = i == len(rev) - 1
         self.upsamplers = None if final else nnx.List([Upsample2D(out_ch, dtype=dtype)])
 
-    def __call__(self, x, skips, temb, context, upsample_size, reference_from: int, remat=False):
+    def __call__(self, x, skips, temb, context, upsample_size, reference_from: int, remat=False, canvas=None):
         """``reference_from``: index of the first of this block's attentions that uses reference
         attention (len(attentions) = none)."""
         for j, res in enumerate(self.resnets):
             skip = skips.pop()
-            x = _remat(remat, lambda m, x, t: m(x, t), res, jnp.concatenate([x, skip.astype(x.dtype)], axis=-1),
-                       temb)
+            x = _remat(remat, lambda m, x, t, v: m(x, t, v), res,
+                       jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), temb, canvas)
             if self.attentions is not None:
                 ref = j >= reference_from
-                x = _remat(remat, lambda m, x, c: m(x, c, ref), self.attentions[j], x, context)
+                x = _remat(remat, lambda m, x, c, v: m(x, c, ref, v), self.attentions[j], x, context, canvas)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, upsample_size)
+            x = self.upsamplers[0](x, upsample_size, canvas)
         return x
 
 
@@ -407,10 +413,10 @@ class MidBlock(nnx.Module):
                                linear_projection=cfg.use_linear_projection, lora_rank=lora_rank,
                                dtype=dtype, attn_impl=attn_impl)])
 
-    def __call__(self, x, temb, context, remat=False):
-        x = _remat(remat, lambda m, x, t: m(x, t), self.resnets[0], x, temb)
-        x = _remat(remat, lambda m, x, c: m(x, c, False), self.attentions[0], x, context)
-        return _remat(remat, lambda m, x, t: m(x, t), self.resnets[1], x, temb)
+    def __call__(self, x, temb, context, remat=False, canvas=None):
+        x = _remat(remat, lambda m, x, t, v: m(x, t, v), self.resnets[0], x, temb, canvas)
+        x = _remat(remat, lambda m, x, c, v: m(x, c, False, v), self.attentions[0], x, context, canvas)
+        return _remat(remat, lambda m, x, t, v: m(x, t, v), self.resnets[1], x, temb, canvas)
 
 
 class TimestepEmbedding(nnx.Module):
@@ -454,11 +460,15 @@ class UNet2DConditionModel(nnx.Module):
 
     def __call__(self, x: Array, t: Array, context: Array, *, reference_attention: bool = False,
                  mid_override: Array | None = None, mid_use: Array | None = None, remat: bool = False,
-                 up_until: int | None = None):
+                 up_until: int | None = None, canvas=None):
         """x: (B, h, w, C_in) latents, t: scalar or (B,) timesteps, context: (B, S, D) →
         (ε (B, h, w, C_out), taps {"mid": bottleneck, "up": [output of each up block, after its
         upsampler]}). ``up_until = i`` (static) stops after up block i and returns ε = None (DIFT
-        reads ``up_blocks[1]`` and needs nothing above it)."""
+        reads ``up_blocks[1]`` and needs nothing above it).
+
+        ``canvas`` (``models.canvas.unet_canvas``): x is a canvas (B, H, W, C_in) holding edits of
+        their own latent sizes at the top left; ε and every tap equal, inside each edit's valid
+        region, the unpadded network's (and are zero beyond it)."""
         cfg = self.cfg
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
@@ -467,13 +477,14 @@ class UNet2DConditionModel(nnx.Module):
         temb = self.time_embedding(temb.astype(self.dtype))
         context = context.astype(self.dtype)
 
-        h = self.conv_in(x)
+        clean = (lambda a: a) if canvas is None else canvas.clean
+        h = self.conv_in(x, canvas)
         skips = [h]
         for blk in self.down_blocks:
-            h, s = blk(h, temb, context, remat)
+            h, s = blk(h, temb, context, remat, canvas)
             skips.extend(s)
-        h = self.mid_block(h, temb, context, remat)
-        taps = {"mid": h, "up": []}
+        h = self.mid_block(h, temb, context, remat, canvas)
+        taps = {"mid": clean(h), "up": []}
         if mid_override is not None:  # mid_use (bool scalar, traced): override only where True
             h = (mid_override.astype(h.dtype) if mid_use is None
                  else jnp.where(mid_use, mid_override.astype(h.dtype), h))
@@ -485,12 +496,12 @@ class UNet2DConditionModel(nnx.Module):
             # of 2^(#upsamplers); nearest ×2 equals that size otherwise, so always use it.
             size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
             ref_from = self.reference_starts[i] if reference_attention else 1 << 30
-            h = blk(h, mine, temb, context, size, ref_from, remat)
-            taps["up"].append(h)
+            h = blk(h, mine, temb, context, size, ref_from, remat, canvas)
+            taps["up"].append(clean(h))
             if up_until is not None and i >= up_until:
                 return None, taps
-        h = jax.nn.silu(self.conv_norm_out(h))
-        eps = self.conv_out(h)
+        h = jax.nn.silu(self.conv_norm_out(h, canvas))
+        eps = clean(self.conv_out(h, canvas))
         return eps, taps
 
 

@@ -93,11 +93,11 @@ class VAEMidBlock(nnx.Module):
                                                          attn_impl=attn_impl)]) \
             if add_attention else None
 
-    def __call__(self, x):
-        x = self.resnets[0](x, None)
+    def __call__(self, x, canvas=None):
+        x = self.resnets[0](x, None, canvas)
         if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x, None)
+            x = self.attentions[0](x, canvas)
+        return self.resnets[1](x, None, canvas)
 
 
 class DownEncoderBlock2D(nnx.Module):
@@ -107,11 +107,11 @@ class DownEncoderBlock2D(nnx.Module):
         self.downsamplers = nnx.List([Downsample2D(out_ch, padding=0, dtype=dtype)]) \
             if add_downsample else None
 
-    def __call__(self, x):
+    def __call__(self, x, canvas=None):
         for r in self.resnets:
-            x = r(x, None)
+            x = r(x, None, canvas)
         if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
+            x = self.downsamplers[0](x, canvas)
         return x
 
 
@@ -121,11 +121,11 @@ class UpDecoderBlock2D(nnx.Module):
                                                eps=_EPS, dtype=dtype) for j in range(layers)])
         self.upsamplers = nnx.List([Upsample2D(out_ch, dtype=dtype)]) if add_upsample else None
 
-    def __call__(self, x):
+    def __call__(self, x, canvas=None):
         for r in self.resnets:
-            x = r(x, None)
+            x = r(x, None, canvas)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            x = self.upsamplers[0](x, canvas=canvas)
         return x
 
 
@@ -142,12 +142,12 @@ class Encoder(nnx.Module):
         self.conv_norm_out = GroupNorm(g, ch[-1], eps=_EPS, dtype=dtype)
         self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1, dtype=jnp.float32)
 
-    def __call__(self, x):
-        x = self.conv_in(x)
+    def __call__(self, x, canvas=None):
+        x = self.conv_in(x, canvas)
         for b in self.down_blocks:
-            x = b(x)
-        x = self.mid_block(x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+            x = b(x, canvas)
+        x = self.mid_block(x, canvas)
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(x, canvas)), canvas)
 
 
 class Decoder(nnx.Module):
@@ -163,12 +163,12 @@ class Decoder(nnx.Module):
         self.conv_norm_out = GroupNorm(g, rev[-1], eps=_EPS, dtype=dtype)
         self.conv_out = Conv2d(rev[-1], cfg.out_channels, 3, padding=1, dtype=jnp.float32)
 
-    def __call__(self, z):
-        x = self.conv_in(z)
-        x = self.mid_block(x)
+    def __call__(self, z, canvas=None):
+        x = self.conv_in(z, canvas)
+        x = self.mid_block(x, canvas)
         for b in self.up_blocks:
-            x = b(x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+            x = b(x, canvas)
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(x, canvas)), canvas)
 
 
 class AutoencoderKL(nnx.Module):
@@ -182,18 +182,27 @@ class AutoencoderKL(nnx.Module):
         self.post_quant_conv = Conv2d(lc, lc, 1, dtype=dtype) \
             if cfg.use_post_quant_conv else None
 
-    def encode(self, images: Array) -> tuple[Array, Array]:
-        moments = self.encoder(images)
+    def encode(self, images: Array, canvas=None) -> tuple[Array, Array]:
+        """images (B, H, W, 3) in [-1, 1] → (mean, logvar) (B, H/8, W/8, C). ``canvas``
+        (``models.canvas.encoder_canvas``): images of their own sizes at the top left of the
+        batch's canvas; inside each edit's ⌊h/8⌋ × ⌊w/8⌋ the unpadded encoder's numbers, zeros beyond."""
+        moments = self.encoder(images, canvas)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
+        if canvas is not None:
+            moments = canvas.clean(moments)
         moments = moments.astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def decode(self, z: Array) -> Array:
+    def decode(self, z: Array, canvas=None) -> Array:
+        """z (B, h, w, C) → images (B, 8h, 8w, 3). ``canvas`` (``models.canvas.decoder_canvas``):
+        latents of their own sizes in a latent canvas; inside each edit's 8h × 8w the unpadded
+        decoder's image, zeros beyond."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z).astype(jnp.float32)
+        x = self.decoder(z, canvas)
+        return (x if canvas is None else canvas.clean(x)).astype(jnp.float32)
 
 
 def config_from_json(path) -> VAEConfig:
