@@ -43,9 +43,37 @@ def _l1_jvp(primals, tangents):
     return jnp.abs(x), jnp.sign(x) * t
 
 
-def upsample_features(f_lat: Array, sup_hw: tuple[int, int]) -> Array:
+def bilinear_matrix(n_in, n_out, length_in: int, length_out: int) -> Array:
+    """(length_out, length_in) float32 weights of PyTorch's bilinear resize along one axis
+    (``align_corners=False``, no antialiasing) from ``n_in`` to ``n_out`` samples, which may be
+    traced (a masked canvas's per-edit sizes): source s = max((i + ½)·n_in/n_out − ½, 0), weights
+    1 − frac(s) at ⌊s⌋ and frac(s) at min(⌊s⌋ + 1, n_in − 1). Rows i ≥ n_out are zero."""
+    n_in = jnp.asarray(n_in, jnp.int32)
+    n_out = jnp.asarray(n_out, jnp.int32)
+    scale = n_in.astype(jnp.float32) / n_out.astype(jnp.float32)
+    i = jnp.arange(length_out, dtype=jnp.float32)
+    src = jnp.maximum((i + 0.5) * scale - 0.5, 0.0)
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
+    i1 = jnp.minimum(i0 + 1, n_in - 1)
+    l1 = src - i0.astype(jnp.float32)
+    cols = jnp.arange(length_in, dtype=jnp.int32)[None, :]
+    m = ((1.0 - l1)[:, None] * (cols == i0[:, None]) + l1[:, None] * (cols == i1[:, None]))
+    return jnp.where((jnp.arange(length_out) < n_out)[:, None], m, 0.0).astype(jnp.float32)
+
+
+def upsample_features(f_lat: Array, sup_hw: tuple[int, int], sizes: Array | None = None) -> Array:
     """Bilinear resize (h, w, C) → (h_s, w_s, C) with half-pixel centres, i.e. PyTorch's
-    ``F.interpolate(mode="bilinear", align_corners=False)`` for upsampling."""
+    ``F.interpolate(mode="bilinear", align_corners=False)`` for upsampling.
+
+    ``sizes`` (4,) int (a masked canvas): the edit's valid feature size and supervision size
+    (h_f, w_f, h_s', w_s') inside the canvas shapes ``f_lat.shape[:2]`` and ``sup_hw``; the result
+    holds the edit's resize at the top left and zeros beyond."""
+    if sizes is not None:
+        ry = bilinear_matrix(sizes[0], sizes[2], f_lat.shape[0], sup_hw[0])
+        rx = bilinear_matrix(sizes[1], sizes[3], f_lat.shape[1], sup_hw[1])
+        hi = jax.lax.Precision.HIGHEST
+        f = jnp.einsum("sh,hwc->swc", ry, f_lat.astype(jnp.float32), precision=hi)
+        return jnp.einsum("tw,swc->stc", rx, f, precision=hi).astype(f_lat.dtype)
     if f_lat.shape[:2] == tuple(sup_hw):
         return f_lat
     return jax.image.resize(f_lat, (sup_hw[0], sup_hw[1], f_lat.shape[-1]), method="linear",
@@ -114,7 +142,8 @@ def reference_patches(f0: Array, points: Array, r: int) -> Array:
 
 def motion_supervision(f: Array, handles: Array, targets: Array, mask: Array, *, r: int,
                        max_step: float, weight: float | None = None,
-                       ref_patches: Array | None = None, ref_points: Array | None = None) -> Array:
+                       ref_patches: Array | None = None, ref_points: Array | None = None,
+                       hw: Array | None = None) -> Array:
     """Σ_i over active pairs of weight · mean_{counted Ω, c} |A_i − B_i|  (scalar).
 
     B_i = f sampled at Ω(handles_i, r) + d_i (gradient flows through B only).
@@ -123,8 +152,9 @@ def motion_supervision(f: Array, handles: Array, targets: Array, mask: Array, *,
       CLIPDrag / GoodDrag ("information-preserving"): A_i = ``ref_patches[i]`` = F0[Ω(p0_i, r)],
         the original latent's features at the initial handle ``ref_points[i]``; max_step = 4.
     Active: mask_i and ‖t_i − p_i‖ ≥ 2. weight defaults to (2r+1)² (GoodDrag uses (2r)²).
+    ``hw`` (2,) int (a masked canvas): the edit's map is f[:h, :w]; the border rules use it.
     """
-    h, w = f.shape[:2]
+    h, w = f.shape[:2] if hw is None else (hw[0], hw[1])
     weight = float((2 * r + 1) ** 2) if weight is None else weight
     pad = r + math.ceil(max_step) + 2
     fp = pad_map(f, pad)
@@ -159,10 +189,14 @@ def background_loss(dphi: Array, keep: Array, lam) -> Array:
     return lam * jnp.sum(l1(dphi) * keep)
 
 
-def background_weight(cfg, lam, latent: Array):
+def background_weight(cfg, lam, latent: Array, hw: Array | None = None):
     """λ for ``background_loss``: as given for the sum reduction (DragDiffusion, GoodDrag, DragNoise,
-    CLIPDrag), λ / (number of latent entries) for FreeDrag's mean (``cfg.bg_reduction == "mean"``)."""
-    return lam / latent.size if cfg.bg_reduction == "mean" else lam
+    CLIPDrag), λ / (number of latent entries) for FreeDrag's mean (``cfg.bg_reduction == "mean"``);
+    ``hw`` (2,) int: the edit's valid latent size in a masked canvas (its entries are counted)."""
+    if cfg.bg_reduction != "mean":
+        return lam
+    n = latent.size if hw is None else hw[0] * hw[1] * latent.shape[-1]
+    return lam / n
 
 
 def text_regularizer(c: Array, c0: Array, token_mask: Array, lam_text) -> Array:

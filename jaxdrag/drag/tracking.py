@@ -33,9 +33,10 @@ def templates(f0: Array, handles0: Array) -> Array:
 
 
 def track(f: Array, tmpl: Array, handles: Array, targets: Array, mask: Array, *, r: int,
-          fast: bool = False) -> Array:
-    """New handles (N, 2) float32 from the current feature map f (h_s, w_s, C)."""
-    h, w = f.shape[:2]
+          fast: bool = False, hw: Array | None = None) -> Array:
+    """New handles (N, 2) float32 from the current feature map f (h_s, w_s, C). ``hw`` (2,) int
+    (a masked canvas): the edit's map is f[:h, :w]; the window is clipped to it."""
+    h, w = f.shape[:2] if hw is None else (hw[0], hw[1])
     fp = pad_map(f, r)
 
     def one(p, t, f0, valid):
