@@ -10,6 +10,7 @@ and how its result is denoised). Imports nothing of the hosts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -27,7 +28,8 @@ class DragNetworks:
     features: Callable
     clip_image: Callable | None = None
     # DragNoise: features_mid(shared, edit, z, c, t, h) is ``features`` with the mid-block output
-    # replaced by h; bottleneck(shared, edit, z, c, t) -> h (the mid-block output)
+    # replaced by h; bottleneck(shared, edit, z, c, t) -> h (the mid-block output).
+    # Every function takes ``sizes=`` (DragInputs.sizes): the edit's valid sizes in a masked canvas
     features_mid: Callable | None = None
     bottleneck: Callable | None = None
 
@@ -148,6 +150,15 @@ class DragInputs(NamedTuple):
     clip_text: Array     # (P,) CLIP text embedding of the edit prompt ((1,) if unused)
     t_star: Array        # () int32
     hypers: DragHypers
+    # a masked canvas (models.canvas): the edit's valid (h, w) latent and (h_s, w_s) supervision
+    # sizes inside the arrays above, (4,) int32; None: the arrays are the edit
+    sizes: Array | None = None
+
+
+def sized(fn: Callable, sizes: Array | None) -> Callable:
+    """A network function with the edit's canvas sizes bound (``DragInputs.sizes``), or itself
+    when there are none (then network functions that know no canvases serve as well)."""
+    return fn if sizes is None else partial(fn, sizes=sizes)
 
 
 FAILURES = ("forward", "loss", "latent", "text")

@@ -49,8 +49,9 @@ import jax
 import jax.numpy as jnp
 
 from ..schedule import ddim_step
-from .engine import DragConfig, DragInputs, DragNetworks, Host, failure_update, max_iters_budget, pair_plan, while_live
-from .losses import STOP_DISTANCE, background_loss, background_weight, l1, upsample_features
+from .engine import (DragConfig, DragInputs, DragNetworks, Host, failure_update, max_iters_budget, pair_plan, sized,
+                     while_live)
+from .losses import STOP_DISTANCE, background_loss, background_weight, l1, map_sizes, upsample_features
 from .text import ADAM, text_gradient, text_loss, text_step
 
 Array = jax.Array
@@ -89,11 +90,12 @@ def offsets(w: int) -> Array:
     return jnp.stack(jnp.meshgrid(k, k, indexing="ij"), -1).reshape(-1, 2)
 
 
-def sample(f: Array, pts: Array) -> Array:
+def sample(f: Array, pts: Array, hw: Array | None = None) -> Array:
     """Bilinear samples of f (h, w, C) at pts (P, 2) (row, col) → (P, C). Weights from the floor
     (the reference's ``.long()``, equal for in-map points); corner indices are clamped to the map
-    (the reference does not check bounds)."""
-    h, w = f.shape[:2]
+    (the reference does not check bounds). ``hw`` (2,) int: the edit's map is f[:h, :w] (a masked
+    canvas), the clamp is to it."""
+    h, w = f.shape[:2] if hw is None else (hw[0], hw[1])
     y, x = pts[:, 0], pts[:, 1]
     y0, x0 = jnp.floor(y), jnp.floor(x)
     wy, wx = (y - y0)[:, None], (x - x0)[:, None]
@@ -105,20 +107,20 @@ def sample(f: Array, pts: Array) -> Array:
             + (1 - wy) * wx * f[yi0, xi1] + wy * wx * f[yi1, xi1])
 
 
-def patch_features(f: Array, q: Array, w: int) -> Array:
+def patch_features(f: Array, q: Array, w: int, hw: Array | None = None) -> Array:
     """S(f, q + Q): (K, C) for one point q (2,)."""
-    return sample(f, q[None] + offsets(w))
+    return sample(f, q[None] + offsets(w), hw)
 
 
-def point_losses(f: Array, q: Array, tmpl: Array, w: int) -> Array:
+def point_losses(f: Array, q: Array, tmpl: Array, w: int, hw: Array | None = None) -> Array:
     """ℓ_i = mean |S(f, q_i + Q) − T_i| for every pair: (N,)."""
     # l1: sign(0) = 0 as torch. A done pair's template is S(F, q + Q) of the very forward that
     # the next step sees again, so the difference is exactly 0 there
-    return jax.vmap(lambda qi, ti: jnp.mean(l1(patch_features(f, qi, w) - ti)))(q, tmpl)
+    return jax.vmap(lambda qi, ti: jnp.mean(l1(patch_features(f, qi, w, hw) - ti)))(q, tmpl)
 
 
 def line_search(f: Array, q: Array, t: Array, tmpl: Array, l_ini: Array, l_end: Array, *, w: int,
-                l_expected, d_max) -> tuple[Array, Array]:
+                l_expected, d_max, hw: Array | None = None) -> tuple[Array, Array]:
     """The new sub-target of one pair and its ltype (module docstring). q, t (2,); tmpl (K, C)."""
     thr = 0.5 * l_expected
     s = jnp.arange(1, N_CANDIDATES + 1, dtype=jnp.float32) / N_CANDIDATES
@@ -127,7 +129,7 @@ def line_search(f: Array, q: Array, t: Array, tmpl: Array, l_ini: Array, l_end: 
         d = jnp.sqrt(jnp.sum((start - t) ** 2))
         end = start + jnp.minimum(reach / (d + 1e-8), 1.0) * (t - start)
         pts = (1 - s)[:, None] * start[None] + s[:, None] * end[None]
-        dif = jax.vmap(lambda p: jnp.mean(jnp.abs(patch_features(f, p, w) - tmpl)))(pts)
+        dif = jax.vmap(lambda p: jnp.mean(jnp.abs(patch_features(f, p, w, hw) - tmpl)))(pts)
         return pts, dif
 
     pts_n, dif_n = cands(q, d_max)
@@ -148,9 +150,10 @@ def template_weight(l_end: Array, sign: Array, l_expected) -> Array:
     return jnp.where(sign, 1.0, jax.nn.sigmoid(-a * (l_end - b)))
 
 
-def close_block(f: Array, st: FreeDragState, targets: Array, mask: Array, *, w: int, l_expected):
+def close_block(f: Array, st: FreeDragState, targets: Array, mask: Array, *, w: int, l_expected,
+                hw: Array | None = None):
     """End of a block on the features of the final z: (ℓ_end, signs, templates)."""
-    cur = jax.vmap(lambda qi: patch_features(f, qi, w))(st.handles)
+    cur = jax.vmap(lambda qi: patch_features(f, qi, w, hw))(st.handles)
     l_end = jnp.mean(jnp.abs(cur - st.tmpl), axis=(1, 2))
     dist = jnp.sqrt(jnp.sum((st.handles - targets) ** 2, axis=-1))
     sign = (dist < STOP_DISTANCE) & (l_end <= 0.5 * l_expected)
@@ -160,12 +163,12 @@ def close_block(f: Array, st: FreeDragState, targets: Array, mask: Array, *, w: 
 
 
 def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0, c0, handles0, targets, mask, keep,
-            token_mask, clip_text, t_star, hypers) -> tuple[DragInputs, FreeDragState]:
+            token_mask, clip_text, t_star, hypers, sizes=None) -> tuple[DragInputs, FreeDragState]:
     """Inputs and initial state for one edit; the templates T_i = S(F0, p_i + Q) are taken from
-    the first iteration's forward (at z*, c)."""
+    the first iteration's forward (at z*, c). ``sizes``: ``DragInputs.sizes`` (a masked canvas)."""
     inp = DragInputs(z0, c0, handles0, targets, mask, keep, token_mask, clip_text,
-                     jnp.asarray(t_star, jnp.int32), hypers)
-    _, f_s = jax.eval_shape(lambda: nets.features(shared, edit, z0, c0, t_star))
+                     jnp.asarray(t_star, jnp.int32), hypers, None if sizes is None else jnp.asarray(sizes, jnp.int32))
+    _, f_s = jax.eval_shape(lambda: sized(nets.features, inp.sizes)(shared, edit, z0, c0, t_star))
     n, k, m = handles0.shape[0], (2 * cfg.r_m + 1) ** 2, cfg.max_iters
     zeros_n = jnp.zeros((n,), jnp.float32)
     st = FreeDragState(
@@ -179,6 +182,11 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0, c0, handles0,
     return inp, st
 
 
+def _sup(inp: DragInputs):
+    """The edit's supervision size (h_s, w_s) in a masked canvas, or None."""
+    return None if inp.sizes is None else inp.sizes[2:]
+
+
 def _block_start(f, st: FreeDragState, inp: DragInputs, w: int):
     """At the first step of a block (``st.inner == 0``): close the previous block (its end loss,
     the per-point done signs, the adaptive template update), the stop test, and the line search
@@ -186,14 +194,15 @@ def _block_start(f, st: FreeDragState, inp: DragInputs, w: int):
     line-search type per point); outside a block start the state's values."""
     hp = inp.hypers
     at_start = st.inner == 0
-    l_end_c, sign_c, tmpl_c = close_block(f, st, inp.targets, inp.mask, w=w, l_expected=hp.l_expected)
+    hw = _sup(inp)
+    l_end_c, sign_c, tmpl_c = close_block(f, st, inp.targets, inp.mask, w=w, l_expected=hp.l_expected, hw=hw)
     close = at_start & st.started
     l_end = jnp.where(close, l_end_c, st.l_end)
     sign = jnp.where(close, sign_c, st.sign)
     tmpl = jnp.where(close, tmpl_c, st.tmpl)
     all_done = jnp.all(sign)
     q_ls, lt_ls = jax.vmap(lambda q, tt, tm, li, le: line_search(
-        f, q, tt, tm, li, le, w=w, l_expected=hp.l_expected, d_max=hp.d_max))(
+        f, q, tt, tm, li, le, w=w, l_expected=hp.l_expected, d_max=hp.d_max, hw=hw))(
         st.handles, inp.targets, tmpl, st.l_ini, l_end)
     search = at_start & ~sign & inp.mask
     q = jnp.where(search[:, None], q_ls, st.handles)
@@ -208,22 +217,24 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     sched = cfg.schedule
     t = inp.t_star
     w = cfg.r_m
-    (eps, f_lat), vjp = jax.vjp(lambda z, c: nets.features(shared, edit, z, c, t), st.z, st.c)
-    f = upsample_features(f_lat, cfg.sup_hw)
+    (eps, f_lat), vjp = jax.vjp(lambda z, c: sized(nets.features, inp.sizes)(shared, edit, z, c, t), st.z, st.c)
+    f = upsample_features(f_lat, cfg.sup_hw, map_sizes(inp.sizes, f_lat.shape, inp.z0.shape))
     fwd_ok = jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(f_lat))
     first = st.it == 0
     eps0 = jnp.where(first, jax.lax.stop_gradient(eps), st.eps0)
-    tmpl0 = jnp.where(first, jax.vmap(lambda q: patch_features(f, q, w))(inp.handles0), st.tmpl)
+    hw = _sup(inp)
+    tmpl0 = jnp.where(first, jax.vmap(lambda q: patch_features(f, q, w, hw))(inp.handles0), st.tmpl)
     st = st._replace(tmpl=tmpl0)
 
     # ---- block start: close the previous block, stop test, line search
     at_start, l_end, sign, tmpl, all_done, q, ltype = _block_start(f, st, inp, w)
 
     # ---- one Adam step on this forward
-    lam = background_weight(cfg, hp.lam, inp.z0)
+    lam = background_weight(cfg, hp.lam, inp.z0, None if inp.sizes is None else inp.sizes[:2])
 
     def local_loss(z, e, fl):
-        ell = point_losses(upsample_features(fl, cfg.sup_hw), q, jax.lax.stop_gradient(tmpl), w)
+        ell = point_losses(upsample_features(fl, cfg.sup_hw, map_sizes(inp.sizes, fl.shape, inp.z0.shape)), q,
+                           jax.lax.stop_gradient(tmpl), w, hw)
         ms = jnp.sum(jnp.where(inp.mask, ell, 0.0))
         bg = background_loss(ddim_step(sched, z - inp.z0, e - eps0, t), inp.keep, lam)
         return ms + bg, (ms, ell)

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from ..schedule import ddim_step
-from .engine import DragConfig, DragInputs, DragNetworks, Host, failure_update, while_live
-from .losses import (STOP_DISTANCE, background_loss, background_weight, motion_supervision,
+from .engine import DragConfig, DragInputs, DragNetworks, Host, failure_update, sized, while_live
+from .losses import (STOP_DISTANCE, background_loss, background_weight, map_sizes, motion_supervision,
                      reference_patches, upsample_features)
 from .text import ADAM, text_cotangent, text_gradient, text_loss, text_step
 from .tracking import templates, track
@@ -97,8 +97,8 @@ def original_trajectory(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: 
     """One scan of T2 forwards from z* with the original c (no gradient)."""
     def body(z, j):
         t = timestep(cfg, inp.t_star, j)
-        eps, f_lat = nets.features(shared, edit, z, inp.c0, t)
-        f = upsample_features(f_lat, cfg.sup_hw)
+        eps, f_lat = sized(nets.features, inp.sizes)(shared, edit, z, inp.c0, t)
+        f = upsample_features(f_lat, cfg.sup_hw, map_sizes(inp.sizes, f_lat.shape, inp.z0.shape))
         out = (z, eps, templates(f, inp.handles0), reference_patches(f, inp.handles0, cfg.r_m))
         return ddim_step(cfg.schedule, z, eps, t), out
 
@@ -108,10 +108,11 @@ def original_trajectory(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: 
 
 
 def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0, c0, handles0, targets, mask, keep,
-            token_mask, clip_text, t_star, hypers) -> tuple[tuple[DragInputs, Trajectory], GoodDragState]:
-    """Inputs, the original trajectory and the initial state for one edit."""
+            token_mask, clip_text, t_star, hypers, sizes=None) -> tuple[tuple[DragInputs, Trajectory], GoodDragState]:
+    """Inputs, the original trajectory and the initial state for one edit (``sizes``: the edit's
+    valid sizes in a masked canvas, ``DragInputs.sizes``)."""
     inp = DragInputs(z0, c0, handles0, targets, mask, keep, token_mask, clip_text,
-                     jnp.asarray(t_star, jnp.int32), hypers)
+                     jnp.asarray(t_star, jnp.int32), hypers, None if sizes is None else jnp.asarray(sizes, jnp.int32))
     pre = original_trajectory(nets, cfg, shared, edit, inp)
     n, m = handles0.shape[0], update_budget(cfg)
     st = GoodDragState(
@@ -131,13 +132,14 @@ def _drag_update(cfg: DragConfig, inp, pre, st: GoodDragState, jj, t, eps, f_lat
     opt_c) after the update."""
     hp, sched = inp.hypers, cfg.schedule
     weight = float((2 * cfg.r_m) ** 2) if cfg.ms_weight is None else cfg.ms_weight
-    lam = background_weight(cfg, hp.lam, inp.z0)
+    lam = background_weight(cfg, hp.lam, inp.z0, None if inp.sizes is None else inp.sizes[:2])
     ref = pre.ref[jj]
 
     def local_loss(z, e, fl):
-        ms = motion_supervision(upsample_features(fl, cfg.sup_hw), handles, inp.targets, inp.mask,
-                                r=cfg.r_m, max_step=cfg.max_step, weight=weight, ref_patches=ref,
-                                ref_points=inp.handles0)
+        ms = motion_supervision(upsample_features(fl, cfg.sup_hw, map_sizes(inp.sizes, fl.shape, inp.z0.shape)),
+                                handles, inp.targets, inp.mask, r=cfg.r_m, max_step=cfg.max_step, weight=weight,
+                                ref_patches=ref, ref_points=inp.handles0,
+                                hw=None if inp.sizes is None else inp.sizes[2:])
         # Φ(z, ε) − X^o_j = Φ(z − z^o_j, ε − ε^o_j): exactly 0 before the first update
         bg = background_loss(ddim_step(sched, z - pre.zs[jj], e - pre.eps[jj], t), inp.keep, lam)
         return ms + bg, ms
@@ -164,13 +166,13 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inputs, st: GoodDrag
     sched = cfg.schedule
     jj = jnp.minimum(st.j, cfg.drag_end_step - 1)
     t = timestep(cfg, inp.t_star, st.j)
-    (eps, f_lat), vjp = jax.vjp(lambda z, c: nets.features(shared, edit, z, c, t), st.z, st.c)
-    f = upsample_features(f_lat, cfg.sup_hw)
+    (eps, f_lat), vjp = jax.vjp(lambda z, c: sized(nets.features, inp.sizes)(shared, edit, z, c, t), st.z, st.c)
+    f = upsample_features(f_lat, cfg.sup_hw, map_sizes(inp.sizes, f_lat.shape, inp.z0.shape))
     fwd_ok = jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(f_lat))
     tmpl = pre.tmpl[jj]
 
     def do_track(h):
-        return track(f, tmpl, h, inp.targets, inp.mask, r=cfg.r_p)
+        return track(f, tmpl, h, inp.targets, inp.mask, r=cfg.r_p, hw=None if inp.sizes is None else inp.sizes[2:])
 
     handles = jnp.where(st.first & fwd_ok, do_track(st.handles), st.handles)
     dist = jnp.linalg.norm(inp.targets - handles, axis=-1)

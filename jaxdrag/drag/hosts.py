@@ -47,8 +47,9 @@ def reached(cfg: DragConfig, state) -> jax.Array:
 def make_runner(nets: DragNetworks, cfg: DragConfig, progress=None, donate: bool = True):
     """jit(prepare_batch) and jit(run) for fixed networks/config and ``cfg.host``: ``(prep, loop)``
     with ``prep(shared, edits, z0, c0, handles0, targets, mask, keep, token_mask, clip_text, t_star,
-    hypers) -> (inputs, state)`` and ``loop(shared, edits, inputs, state)``. The state buffers are
-    donated."""
+    hypers[, sizes]) -> (inputs, state)`` and ``loop(shared, edits, inputs, state)``. The state
+    buffers are donated. ``sizes`` (B, 4) int: each edit's valid sizes in a masked canvas
+    (``DragInputs.sizes``)."""
     h = host(cfg.host)
     prep = jax.jit(lambda shared, edits, *a: jax.vmap(lambda e, *b: h.prepare(nets, cfg, shared, e, *b))(edits, *a))
     run = jax.jit(lambda shared, edits, inputs, state: h.run(nets, cfg, shared, edits, inputs, state, progress),

@@ -8,6 +8,8 @@ small differentiable stand-in in tests and unchanged on the SD-1.5 UNet:
   clip_image(shared, x0) -> (P,)
       CLIP image embedding of the decoded x̂0 (only for CLIPDrag)
 
+(each also takes ``sizes=``: the edit's valid sizes in a masked canvas, ``DragInputs.sizes``)
+
 ``shared`` (the base weights, one copy) is broadcast; ``edit`` (per-edit LoRA), the inputs and
 the state carry a leading batch axis. All hyperparameters that are continuous (learning rates,
 λ, λ_text, fusion weight, κ) are per-edit arrays in ``DragHypers``: a sweep is just a batch.
@@ -52,9 +54,10 @@ import jax
 import jax.numpy as jnp
 
 from ..schedule import ddim_step, predict_x0
-from .engine import DragConfig, DragHypers, DragInputs, DragNetworks, Host, failure_update, max_iters_budget, pair_plan, while_live
+from .engine import (DragConfig, DragHypers, DragInputs, DragNetworks, Host, failure_update, max_iters_budget,
+                     pair_plan, sized, while_live)
 from .fusion import fuse
-from .losses import (STOP_DISTANCE, background_loss, background_weight, clip_loss, motion_supervision,
+from .losses import (STOP_DISTANCE, background_loss, background_weight, clip_loss, map_sizes, motion_supervision,
                      reference_patches, upsample_features)
 from .text import ADAM as _ADAM
 from .text import text_cotangent, text_gradient, text_loss, text_step
@@ -89,16 +92,16 @@ class DragState(NamedTuple):
 
 def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Array, handles0: Array,
             targets: Array, mask: Array, keep: Array, token_mask: Array, clip_text: Array,
-            t_star: Array, hypers: DragHypers) -> tuple[DragInputs, DragState]:
+            t_star: Array, hypers: DragHypers, sizes: Array | None = None) -> tuple[DragInputs, DragState]:
     """The loop's constants and initial state for one edit (no network call: F0 and Φ(z*) are
-    filled in by the first iteration's forward)."""
-    outs = jax.eval_shape(lambda: nets.features(shared, edit, z0, c0, t_star))
+    filled in by the first iteration's forward). ``sizes``: see ``DragInputs.sizes``."""
+    outs = jax.eval_shape(lambda: sized(nets.features, sizes)(shared, edit, z0, c0, t_star))
     eps_s, f_s = outs[0], outs[1]
     if cfg.text_feature_block is not None and len(outs) != 3:
         raise ValueError("text_feature_block is set but the networks return no text-block feature map "
                          "(build them with Pipeline.drag_networks(text_block=…))")
     # the optimised variable: z* itself, or DragNoise's bottleneck h = mid-block output at (z*, c)
-    v0 = nets.bottleneck(shared, edit, z0, c0, t_star) if cfg.host == "dragnoise" else z0
+    v0 = sized(nets.bottleneck, sizes)(shared, edit, z0, c0, t_star) if cfg.host == "dragnoise" else z0
     n = handles0.shape[0]
     ch = f_s.shape[-1]
     ref_shape = (n, 2 * cfg.r_m + 1, 2 * cfg.r_m + 1, ch) if cfg.ms_reference == "initial" else (n, 0)
@@ -107,7 +110,8 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0: Array, c0: Ar
         ref_text_shape = (n, 2 * cfg.r_m + 1, 2 * cfg.r_m + 1, outs[2].shape[-1])
     s = len(cfg.snapshots)
     inputs = DragInputs(z0, c0, handles0, targets, mask, keep, token_mask, clip_text,
-                        jnp.asarray(t_star, jnp.int32), hypers)
+                        jnp.asarray(t_star, jnp.int32), hypers,
+                        None if sizes is None else jnp.asarray(sizes, jnp.int32))
     state = DragState(
         z=v0, c=c0, eps0=jnp.zeros(eps_s.shape, jnp.float32), tmpl=jnp.zeros((n, ch), jnp.float32),
         ref=jnp.zeros(ref_shape, jnp.float32), opt_z=_ADAM.init(v0), opt_c=_ADAM.init(c0),
@@ -144,15 +148,15 @@ def _see(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     t = inp.t_star
     if cfg.host == "dragnoise":  # the variable is the bottleneck h; z stays z*
         def forward(v, c):
-            return nets.features_mid(shared, edit, inp.z0, c, t, v)
+            return sized(nets.features_mid, inp.sizes)(shared, edit, inp.z0, c, t, v)
     else:
         def forward(v, c):
-            return nets.features(shared, edit, v, c, t)
+            return sized(nets.features, inp.sizes)(shared, edit, v, c, t)
     outs, vjp = jax.vjp(forward, st.z, st.c)
     eps, f_lat = outs[0], outs[1]
     split = cfg.text_feature_block is not None  # DragText App. H: ĉ's motion term on another block
     f_txt = outs[2] if split else None
-    f = upsample_features(f_lat, cfg.sup_hw)
+    f = upsample_features(f_lat, cfg.sup_hw, map_sizes(inp.sizes, f_lat.shape, inp.z0.shape))
     fwd_ok = jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(f_lat))
     if split:
         fwd_ok = fwd_ok & jnp.all(jnp.isfinite(f_txt))
@@ -164,13 +168,21 @@ def _see(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     if cfg.ms_reference == "initial":
         ref_p = jnp.where(first, reference_patches(f, inp.handles0, cfg.r_m), st.ref)
         if split:
-            ref_t = jnp.where(first, reference_patches(upsample_features(f_txt, cfg.sup_hw), inp.handles0, cfg.r_m),
+            ref_t = jnp.where(first, reference_patches(
+                upsample_features(f_txt, cfg.sup_hw, map_sizes(inp.sizes, f_txt.shape, inp.z0.shape)),
+                inp.handles0, cfg.r_m),
                               st.ref_text)
-    tracked = track(f, tmpl, st.handles, inp.targets, inp.mask, r=cfg.r_p, fast=cfg.tracking == "fast")
+    tracked = track(f, tmpl, st.handles, inp.targets, inp.mask, r=cfg.r_p, fast=cfg.tracking == "fast",
+                    hw=_sup(inp))
     handles = jnp.where((st.it > 0) & fwd_ok, tracked, st.handles)
     dist = jnp.linalg.norm(inp.targets - handles, axis=-1)
     active = inp.mask & (dist >= STOP_DISTANCE)
     return _Seen(vjp, eps, f_lat, f_txt, fwd_ok, eps0, tmpl, ref_p, ref_t, handles, active, ~jnp.any(active))
+
+
+def _sup(inp: DragInputs):
+    """The edit's supervision size (h_s, w_s) in a masked canvas, or None."""
+    return None if inp.sizes is None else inp.sizes[2:]
 
 
 def _gradients(nets: DragNetworks, cfg: DragConfig, shared, inp: DragInputs, st: DragState, s: _Seen):
@@ -188,11 +200,13 @@ def _gradients(nets: DragNetworks, cfg: DragConfig, shared, inp: DragInputs, st:
         return geps, gf, jnp.zeros_like(s.f_txt) if gtxt is None else gtxt
 
     ref = dict(ref_patches=s.ref_p, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
-    lam = background_weight(cfg, hp.lam, inp.z0)
+    lam = background_weight(cfg, hp.lam, inp.z0, None if inp.sizes is None else inp.sizes[:2])
+    sup = _sup(inp)
 
     def local_loss(v, e, fl):
-        ms = motion_supervision(upsample_features(fl, cfg.sup_hw), s.handles, inp.targets, inp.mask,
-                                r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, **ref)
+        ms = motion_supervision(upsample_features(fl, cfg.sup_hw, map_sizes(inp.sizes, fl.shape, inp.z0.shape)),
+                                s.handles, inp.targets, inp.mask, r=cfg.r_m, max_step=cfg.max_step,
+                                weight=cfg.ms_weight, hw=sup, **ref)
         # Φ(z) − Φ(z*) = Φ(z − z*, ε − ε*) (Φ is linear): exactly 0 where nothing changed,
         # in particular everywhere at k = 0, as in the reference (DragNoise: z = z*)
         dz = jnp.zeros_like(inp.z0) if dragnoise else v - inp.z0
@@ -207,15 +221,17 @@ def _gradients(nets: DragNetworks, cfg: DragConfig, shared, inp: DragInputs, st:
             ref_txt = dict(ref_patches=s.ref_t, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
 
             def text_motion(ft):
-                return motion_supervision(upsample_features(ft, cfg.sup_hw), s.handles, inp.targets, inp.mask,
-                                          r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, **ref_txt)
+                return motion_supervision(
+                    upsample_features(ft, cfg.sup_hw, map_sizes(inp.sizes, ft.shape, inp.z0.shape)), s.handles,
+                    inp.targets, inp.mask, r=cfg.r_m, max_step=cfg.max_step, weight=cfg.ms_weight, hw=sup,
+                    **ref_txt)
 
             cotangents.append(ct(geps_local, gf_local, jax.grad(text_motion)(s.f_txt)))
         else:
             cotangents.append(text_cotangent(geps_local, gf_local, gf_local))
     if cfg.use_clip:
         def global_loss(z, e):
-            return clip_loss(nets.clip_image(shared, predict_x0(sched, z, e, t)), inp.clip_text,
+            return clip_loss(sized(nets.clip_image, inp.sizes)(shared, predict_x0(sched, z, e, t)), inp.clip_text,
                              hp.clip_coef)
 
         gloss, (gz_global, geps_global) = jax.value_and_grad(global_loss, argnums=(0, 1))(st.z, s.eps)
@@ -322,9 +338,9 @@ def _dragnoise_plan(cfg: DragConfig, zt, c0, inputs, state, strength: float, ref
                 mid=state.z, mid_steps=max(0, k - cfg.end_step))
 
 
-def _bottleneck(nets: DragNetworks, shared, edit, z0, c0, t):
+def _bottleneck(nets: DragNetworks, shared, edit, z0, c0, t, sizes=None):
     """DragNoise's variable before the drag: the mid-block output at (z*, c)."""
-    return nets.bottleneck(shared, edit, z0, c0, t)
+    return sized(nets.bottleneck, sizes)(shared, edit, z0, c0, t)
 
 
 DRAGDIFFUSION = Host("dragdiffusion", "DragDiffusion", prepare, run, _done, max_iters_budget, pair_plan,

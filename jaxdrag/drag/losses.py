@@ -80,6 +80,19 @@ def upsample_features(f_lat: Array, sup_hw: tuple[int, int], sizes: Array | None
                             antialias=False)
 
 
+def map_sizes(sizes: Array | None, f_shape, z_shape) -> Array | None:
+    """The ``upsample_features`` sizes (h_f, w_f, h_s, w_s) of a feature map of canvas shape
+    ``f_shape`` (H/k, W/k, C) taken from a latent canvas ``z_shape`` (H, W, 4), for an edit of
+    ``sizes`` = (h, w, h_s, w_s): the UNet's level k = H/H_f holds ⌈h/k⌉ valid rows (each
+    stride-2 downsampler rounds up). None stays None (no canvas)."""
+    if sizes is None:
+        return None
+    kh, kw = z_shape[0] // f_shape[0], z_shape[1] // f_shape[1]
+    if kh * f_shape[0] != z_shape[0] or kw * f_shape[1] != z_shape[1]:
+        raise ValueError(f"a feature map of {f_shape[:2]} is not a UNet level of the latent canvas {z_shape[:2]}")
+    return jnp.stack([-(-sizes[0] // kh), -(-sizes[1] // kw), sizes[2], sizes[3]])
+
+
 def pad_map(f: Array, pad: int) -> Array:
     """Zero-pad a (h, w, C) map by ``pad`` on each spatial side (padded values are never counted)."""
     return jnp.pad(f, ((pad, pad), (pad, pad), (0, 0)))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 
 from ..drag import DragConfig, DragNetworks, make_runner
+from ..models.canvas import decoder_canvas, unet_canvas
 
 if TYPE_CHECKING:
     from .networks import Pipeline
@@ -49,22 +50,33 @@ def drag_networks(pipe: "Pipeline", clip_double_unit_map: bool = False, remat: s
                     return z[None], c[None]
                 return jnp.stack([z, z]), jnp.stack([shared["guide"]["uncond"].astype(c.dtype), c])
 
-            def features(shared, edit, z, c, t):
+            def canvas(sizes, x):
+                """The UNet canvas of the rows x of one edit of ``sizes`` (None: no canvas)."""
+                if sizes is None:
+                    return None
+                return unet_canvas(jnp.broadcast_to(sizes[:2], (x.shape[0], 2)), x.shape[1:3], pipe.unet_levels())
+
+            def features(shared, edit, z, c, t, sizes=None):
                 x, ctx = rows(shared, z, c)
-                eps, taps = pipe.unet_apply(shared["unet"], edit, x, t, ctx, remat=remat)
+                eps, taps = pipe.unet_apply(shared["unet"], edit, x, t, ctx, remat=remat, canvas=canvas(sizes, x))
                 return outputs(shared, eps, taps)
 
-            def clip_image(shared, x0):
-                img = pipe.vae_decode_apply(shared["vae"], x0[None])
-                return pipe.clip_image_apply(shared["clip"], img, clip_double_unit_map)[0]
+            def clip_image(shared, x0, sizes=None):
+                if sizes is None:
+                    img = pipe.vae_decode_apply(shared["vae"], x0[None])
+                    return pipe.clip_image_apply(shared["clip"], img, clip_double_unit_map)[0]
+                lat = sizes[None, :2]
+                img = pipe.vae_decode_apply(shared["vae"], x0[None], decoder_canvas(lat, x0.shape[:2], pipe.vae_levels()))
+                return pipe.clip_image_apply(shared["clip"], img, clip_double_unit_map,
+                                             lat * (img.shape[1] // x0.shape[0]))[0]
 
-            def features_mid(shared, edit, z, c, t, h):
+            def features_mid(shared, edit, z, c, t, h, sizes=None):
                 eps, taps = pipe.unet_apply(shared["unet"], edit, z[None], t, c[None], mid_override=h[None],
-                                            remat=remat)
+                                            remat=remat, canvas=canvas(sizes, z[None]))
                 return outputs(shared, eps, taps)
 
-            def bottleneck(shared, edit, z, c, t):
-                _, taps = pipe.unet_apply(shared["unet"], edit, z[None], t, c[None])
+            def bottleneck(shared, edit, z, c, t, sizes=None):
+                _, taps = pipe.unet_apply(shared["unet"], edit, z[None], t, c[None], canvas=canvas(sizes, z[None]))
                 return taps["mid"][0].astype(jnp.float32)
 
             mid = (features_mid, bottleneck) if not guided else (None, None)

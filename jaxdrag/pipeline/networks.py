@@ -146,24 +146,34 @@ class Pipeline:
         return int(self.sd.vae.cfg.sample_size)
 
     def unet_apply(self, params, lora, x, t, ctx, *, reference: bool = False, mid_override=None,
-                   mid_use=None, remat: bool = False):
+                   mid_use=None, remat: bool = False, canvas=None):
+        """``canvas``: a ``models.canvas.unet_canvas`` of x's batch (edits of their own sizes)."""
         m = nnx.merge(self.sd.unet.graphdef, lora, params)
         return m(x, t, ctx, reference_attention=reference, mid_override=mid_override, mid_use=mid_use,
-                 remat=remat)
+                 remat=remat, canvas=canvas)
 
-    def vae_encode_apply(self, params, images):
-        return nnx.merge(self.sd.vae.graphdef, params).encode(images)
+    def unet_levels(self) -> int:
+        """The UNet's stride-2 downsamplers (3 for SD-1.5): a latent canvas's sides are multiples of 2^this."""
+        return len(self.sd.unet.cfg.block_out_channels) - 1
 
-    def vae_decode_apply(self, params, latents):
-        return nnx.merge(self.sd.vae.graphdef, params).decode(latents / self.scaling_factor)
+    def vae_levels(self) -> int:
+        """The VAE's stride-2 stages (3 for SD: a factor 8 between pixels and latents)."""
+        return len(self.sd.vae.cfg.block_out_channels) - 1
+
+    def vae_encode_apply(self, params, images, canvas=None):
+        return nnx.merge(self.sd.vae.graphdef, params).encode(images, canvas)
+
+    def vae_decode_apply(self, params, latents, canvas=None):
+        return nnx.merge(self.sd.vae.graphdef, params).decode(latents / self.scaling_factor, canvas)
 
     def text_apply(self, params, ids):
         return nnx.merge(self.sd.text_encoder.graphdef, params)(ids)[0]
 
-    def clip_image_apply(self, params, images, double_unit_map: bool = False):
-        """[-1, 1] images → ``clip_pixels`` → ViT → projection (unnormalised embeddings)."""
+    def clip_image_apply(self, params, images, double_unit_map: bool = False, valid_hw=None):
+        """[-1, 1] images → ``clip_pixels`` → ViT → projection (unnormalised embeddings);
+        ``valid_hw`` (B, 2): each image is its top-left region of that size (a masked canvas)."""
         m = nnx.merge(self.clip.graphdef, params)
-        return m.image_embeds(clip_pixels(images, m.vision_cfg.image_size, double_unit_map))
+        return m.image_embeds(clip_pixels(images, m.vision_cfg.image_size, double_unit_map, valid_hw))
 
     def clip_text_apply(self, params, ids):
         return nnx.merge(self.clip.graphdef, params).text_embeds(ids)

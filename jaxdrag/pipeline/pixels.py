@@ -36,21 +36,37 @@ def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def adaptive_avg_pool(images: Array, size: int) -> Array:
-    """(B, H, W, C) → (B, size, size, C), exactly ``nn.AdaptiveAvgPool2d(size)``."""
+def pool_matrices(n_in: Array, n_out: int, length_in: int) -> Array:
+    """``pool_matrix`` for per-edit input sizes ``n_in`` (B,) (traced: a masked canvas) inside
+    ``length_in`` samples: (B, n_out, length_in), zero beyond each edit's n_in."""
+    n_in = jnp.asarray(n_in, jnp.int32)[:, None, None]
+    i = jnp.arange(n_out, dtype=jnp.int32)[None, :, None]
+    j = jnp.arange(length_in, dtype=jnp.int32)[None, None, :]
+    a = (i * n_in) // n_out
+    b = -((-(i + 1) * n_in) // n_out)
+    return jnp.where((j >= a) & (j < b), 1.0 / (b - a).astype(jnp.float32), 0.0)
+
+
+def adaptive_avg_pool(images: Array, size: int, valid_hw: Array | None = None) -> Array:
+    """(B, H, W, C) → (B, size, size, C), exactly ``nn.AdaptiveAvgPool2d(size)``; ``valid_hw``
+    (B, 2): each image is its top-left (h, w) region (a masked canvas)."""
+    hi = jax.lax.Precision.HIGHEST
+    if valid_hw is not None:
+        ph = pool_matrices(valid_hw[:, 0], size, images.shape[1])
+        pw = pool_matrices(valid_hw[:, 1], size, images.shape[2])
+        return jnp.einsum("boh,bhwc,bpw->bopc", ph, images.astype(jnp.float32), pw, precision=hi)
     ph = jnp.asarray(pool_matrix(images.shape[1], size))
     pw = jnp.asarray(pool_matrix(images.shape[2], size))
-    return jnp.einsum("oh,bhwc,pw->bopc", ph, images.astype(jnp.float32), pw,
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("oh,bhwc,pw->bopc", ph, images.astype(jnp.float32), pw, precision=hi)
 
 
-def clip_pixels(images: Array, size: int, double_unit_map: bool = False) -> Array:
+def clip_pixels(images: Array, size: int, double_unit_map: bool = False, valid_hw: Array | None = None) -> Array:
     """CLIPDrag's differentiable CLIP preprocessing: [-1, 1] images (B, H, W, 3) →
     clamp((x+1)/2, 0, 1) → AdaptiveAvgPool to (size, size) → CLIP normalisation.
     ``double_unit_map`` reproduces the reference's second (x+1)/2 mapping of the already-[0, 1]
-    image (QUIRK, ALGORITHMS.md §4.4)."""
+    image (QUIRK, ALGORITHMS.md §4.4). ``valid_hw`` (B, 2): see ``adaptive_avg_pool``."""
     x = jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
-    x = adaptive_avg_pool(x, size)
+    x = adaptive_avg_pool(x, size, valid_hw)
     if double_unit_map:
         x = (x + 1.0) / 2.0
     return (x - CLIP_MEAN) / CLIP_STD
