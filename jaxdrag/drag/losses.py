@@ -24,6 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ..models.canvas import bilinear_matrix
+
 Array = jax.Array
 
 STOP_DISTANCE = 2.0  # pairs closer than this are skipped; all closer → the edit is done
@@ -41,24 +43,6 @@ def l1(x: Array) -> Array:
 def _l1_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
     return jnp.abs(x), jnp.sign(x) * t
-
-
-def bilinear_matrix(n_in, n_out, length_in: int, length_out: int) -> Array:
-    """(length_out, length_in) float32 weights of PyTorch's bilinear resize along one axis
-    (``align_corners=False``, no antialiasing) from ``n_in`` to ``n_out`` samples, which may be
-    traced (a masked canvas's per-edit sizes): source s = max((i + ½)·n_in/n_out − ½, 0), weights
-    1 − frac(s) at ⌊s⌋ and frac(s) at min(⌊s⌋ + 1, n_in − 1). Rows i ≥ n_out are zero."""
-    n_in = jnp.asarray(n_in, jnp.int32)
-    n_out = jnp.asarray(n_out, jnp.int32)
-    scale = n_in.astype(jnp.float32) / n_out.astype(jnp.float32)
-    i = jnp.arange(length_out, dtype=jnp.float32)
-    src = jnp.maximum((i + 0.5) * scale - 0.5, 0.0)
-    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
-    i1 = jnp.minimum(i0 + 1, n_in - 1)
-    l1 = src - i0.astype(jnp.float32)
-    cols = jnp.arange(length_in, dtype=jnp.int32)[None, :]
-    m = ((1.0 - l1)[:, None] * (cols == i0[:, None]) + l1[:, None] * (cols == i1[:, None]))
-    return jnp.where((jnp.arange(length_out) < n_out)[:, None], m, 0.0).astype(jnp.float32)
 
 
 def upsample_features(f_lat: Array, sup_hw: tuple[int, int], sizes: Array | None = None) -> Array:

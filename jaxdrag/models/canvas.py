@@ -147,6 +147,24 @@ def decoder_canvas(latent_hw, canvas_hw, levels: int = 3) -> Canvas:
     return Canvas(_masks(sizes, shapes))
 
 
+def bilinear_matrix(n_in, n_out, length_in: int, length_out: int) -> Array:
+    """(length_out, length_in) float32 weights of PyTorch's bilinear resize along one axis
+    (``align_corners=False``, no antialiasing) from ``n_in`` to ``n_out`` samples, which may be
+    traced (a masked canvas's per-edit sizes): source s = max((i + ½)·n_in/n_out − ½, 0), weights
+    1 − frac(s) at ⌊s⌋ and frac(s) at min(⌊s⌋ + 1, n_in − 1). Rows i ≥ n_out are zero."""
+    n_in = jnp.asarray(n_in, jnp.int32)
+    n_out = jnp.asarray(n_out, jnp.int32)
+    scale = n_in.astype(jnp.float32) / n_out.astype(jnp.float32)
+    i = jnp.arange(length_out, dtype=jnp.float32)
+    src = jnp.maximum((i + 0.5) * scale - 0.5, 0.0)
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
+    i1 = jnp.minimum(i0 + 1, n_in - 1)
+    l1 = src - i0.astype(jnp.float32)
+    cols = jnp.arange(length_in, dtype=jnp.int32)[None, :]
+    m = ((1.0 - l1)[:, None] * (cols == i0[:, None]) + l1[:, None] * (cols == i1[:, None]))
+    return jnp.where((jnp.arange(length_out) < n_out)[:, None], m, 0.0).astype(jnp.float32)
+
+
 def crop(x: Array | np.ndarray, hw) -> np.ndarray:
     """The valid (h, w) top-left region of one edit's NHWC-less (H, W, …) array."""
     return np.asarray(x)[: int(hw[0]), : int(hw[1])]

@@ -23,7 +23,7 @@ def pow2_bucket(n: int) -> int:
 
 
 def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hypers: dict,
-               n_pairs: int) -> tuple[int, dict]:
+               n_pairs: int, canvas=None) -> tuple[int, dict]:
     """The largest batch of edits shaped like ``p`` that fits every stage in memory.
 
     Every stage is compiled at batch 1 (per device) and XLA's ``memory_analysis`` of it split
@@ -33,7 +33,8 @@ def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hyper
     per device ≥ 1, {stage: {"shared", "edit"} bytes})."""
     settings = settings.for_method(settings.method)  # fields left None: the method's defaults
     probe = pipe.measuring()  # one device's programs, measured, not run; ``pipe`` unchanged
-    group.run_group(probe, [p], replace(settings, batch_size=1), cfg, [hypers], False, batch=1, n_pairs=n_pairs)
+    group.run_group(probe, [p], replace(settings, batch_size=1), cfg, [hypers], False, batch=1, n_pairs=n_pairs,
+                    canvas=canvas)
     measured = dict(probe.stages.measured)
     budget = settings.memory_fraction * pipe.device_memory()
     weights = pipe.weight_bytes()  # resident once, whatever the batch
@@ -41,29 +42,55 @@ def plan_batch(pipe: Pipeline, p, settings: EditSettings, cfg: DragConfig, hyper
     return max(1, int((budget - weights) // per_edit)), measured
 
 
+def bucket_step(pipe: Pipeline) -> int:
+    """Pixels per side of a canvas step: the VAE's factor × the UNet's 2^levels (64 for SD-1.5)."""
+    return (1 << pipe.vae_levels()) * (1 << pipe.unet_levels())
+
+
+def _canvases(pipe: Pipeline, prepared: list, settings: EditSettings) -> list:
+    """Each edit's ``group.Canvas`` under ``settings.buckets`` ("exact": None for all). The LoRA
+    canvas of a bucket is its edits' largest LoRA image, rounded up to the step."""
+    if settings.buckets == "exact":
+        return [None] * len(prepared)
+    from .buckets import plan_buckets, round_up
+
+    step = bucket_step(pipe)
+    plan = plan_buckets([p.image.shape[:2] for p in prepared], step=step, max_waste=settings.bucket_waste,
+                        max_buckets=settings.max_buckets)
+    lora: dict = {}
+    for p in prepared:
+        c = plan.canvas(p.image.shape[:2])
+        h, w = lora.get(c, (0, 0))
+        lora[c] = (max(h, round_up(p.lora_image.shape[0], step)), max(w, round_up(p.lora_image.shape[1], step)))
+    return [group.Canvas(plan.canvas(p.image.shape[:2]), lora[plan.canvas(p.image.shape[:2])]) for p in prepared]
+
+
 def _batch_plans(pipe: Pipeline, prepared: list, settings: EditSettings, cfg: DragConfig, hyp: dict) -> list:
-    """The batches of a run: [(indices of the group, batch size b, handle slots)] per shape
-    group, in run order. Edits group by working shape (and a generation's guidance); each group
-    runs as batches of one size b = min(batch_size, the group's size rounded up to a power of
-    two), handle slots = the group's largest count rounded up to a power of two."""
+    """The batches of a run: [(indices of the group, batch size b, handle slots, canvas)] per
+    group, in run order. Edits group by working shape — or by bucket (``settings.buckets``) —
+    and a generation's guidance; each group runs as batches of one size b = min(batch_size, the
+    group's size rounded up to a power of two), handle slots = the group's largest count rounded
+    up to a power of two."""
     from .. import data as io
 
+    canvases = _canvases(pipe, prepared, settings)
     groups: dict = {}
     for i, p in enumerate(prepared):
         g = p.request.generation
         gen_key = None if g is None else (g.guidance_scale, g.negative_prompt)
-        groups.setdefault((io.bucket_key(p), gen_key), []).append(i)
+        shape = io.bucket_key(p) if canvases[i] is None else ("canvas",) + tuple(canvases[i])
+        groups.setdefault((shape, gen_key), []).append(i)
     plans = []
     for key in sorted(groups, key=lambda k: (k[0], repr(k[1]))):
         idx = groups[key]
         n_pairs = pow2_bucket(max(len(prepared[i].handles) for i in idx))
         limit = settings.batch_size
         if limit == "auto":
-            per_device, _ = plan_batch(pipe, prepared[idx[0]], settings, cfg, hyp, n_pairs)
+            per_device, _ = plan_batch(pipe, prepared[idx[0]], settings, cfg, hyp, n_pairs, canvases[idx[0]])
             limit = per_device * pipe.n_devices
         b = min(limit, pow2_bucket(len(idx)))
         b = -(-b // pipe.n_devices) * pipe.n_devices  # an equal share for every device
-        plans.append((idx, b, n_pairs))
+        plans.append((idx, b, n_pairs, canvases[idx[0]]))
     return plans
 
 
@@ -77,11 +104,11 @@ def _compile_group(pipe: Pipeline, prepared: list, plan: tuple, settings: EditSe
     """Compile every program one batch of ``plan`` needs, without running it: the batch walked
     through a compiling view of ``pipe`` (outputs are zeros of the right shapes). The programs
     land in ``pipe``'s cache (and the persistent cache when it is on)."""
-    idx, b, n_pairs = plan
+    idx, b, n_pairs, canvas = plan
     chunk = idx[:b]
     silent = (lambda *a: None) if progress else False  # the same programs as a run with progress
     group.run_group(pipe.measuring(one_device=False), [prepared[i] for i in chunk], settings, cfg,
-               _edit_hypers(prepared, chunk, hyp), silent, batch=b, n_pairs=n_pairs)
+                    _edit_hypers(prepared, chunk, hyp), silent, batch=b, n_pairs=n_pairs, canvas=canvas)
 
 
 def _prepare_requests(pipe: Pipeline, requests: Sequence, method: str, settings: EditSettings | None,
@@ -160,14 +187,15 @@ def edit_batch(pipe: Pipeline, requests: Sequence, method: str = "dragtext", *,
             if k not in ahead:
                 ahead[k] = pool.submit(_compile_group, pipe, prepared, plans[k], settings, cfg, hyp, progress)
     try:
-        for g, (idx, b, n_pairs) in enumerate(plans):
+        for g, (idx, b, n_pairs, canvas) in enumerate(plans):
             if pool is not None:
                 submit_ahead(g + 1)  # this group's own programs: compiled here if not ahead
             for s in range(0, len(idx), b):
                 chunk = idx[s:s + b]
                 try:
                     outs = group.run_group(pipe, [prepared[i] for i in chunk], settings, cfg,
-                                      _edit_hypers(prepared, chunk, hyp), progress, batch=b, n_pairs=n_pairs)
+                                           _edit_hypers(prepared, chunk, hyp), progress, batch=b, n_pairs=n_pairs,
+                                           canvas=canvas)
                 except Exception as e:  # noqa: BLE001 - reported per batch when the caller asks
                     if on_error is None:
                         raise

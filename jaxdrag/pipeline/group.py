@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +48,13 @@ def dummy_edit(p):
 
 
 def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list, c0, b: int, n_real: int,
-                progress, timed, timings: dict):
+                progress, timed, timings: dict, cv: dict | None = None):
     """The batch's per-edit LoRAs (B, …) and training losses (steps, B): from the cache when
-    every edit's LoRA is there, else trained (and cached)."""
+    every edit's LoRA is there, else trained (and cached). ``cv``: the batch on its canvas."""
     bar = Bar(progress, "lora", settings.lora.steps, f"LoRA ×{b}")
     keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in reqs])
-    lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]))
+    lora_imgs = jnp.asarray(np.stack([p.lora_image for p in group]) if cv is None else cv["lora_images"])
+    lora_hw = None if cv is None else jnp.asarray(cv["lora_hw"])
     cache_keys = [_lora_key(p, settings.lora) for p in group[:n_real]]
     cache_keys += cache_keys[:1] * (b - n_real)  # a dummy is a copy of the first edit
     cache = pipe.lora_cache  # None when off, and in plan_batch's measuring view (it measures LoRA too)
@@ -62,7 +64,8 @@ def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list,
         timings["lora"] = 0.0
         bar.set(settings.lora.steps)
     elif cache is None:
-        loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora, bar.update)
+        loras, lora_losses = timed("lora", pipe.train_lora, lora_imgs, c0, keys, settings.lora, bar.update,
+                                   lora_hw)
         pipe.loras_trained += n_real
     else:
         # each missing LoRA trained once, however many edits of the batch share it (a sweep's grid
@@ -71,7 +74,7 @@ def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list,
         rows = [cache_keys.index(k) for k in missing]
         rows = np.asarray(rows + rows[:1] * (b - len(rows)))
         trained, losses = timed("lora", pipe.train_lora, lora_imgs[rows], c0[rows], keys[rows], settings.lora,
-                                bar.update)
+                                bar.update, None if lora_hw is None else lora_hw[rows])
         for j, k in enumerate(missing):
             cache[k] = (jax.tree.map(lambda x: x[j], trained), losses[:, j])
         pipe.loras_trained += len(missing)
@@ -81,12 +84,49 @@ def _edit_loras(pipe: Pipeline, group: list, settings: EditSettings, reqs: list,
     return loras, lora_losses
 
 
+class Canvas(NamedTuple):
+    """A batch's masked canvas (``models.canvas``): every edit at the top left of arrays of these
+    shapes. ``work`` (H, W) the working image canvas (sides multiples of 8·2^levels), ``lora``
+    the LoRA image canvas; the latent canvas is ``work``/8, the supervision canvas ``work``/2."""
+
+    work: tuple[int, int]
+    lora: tuple[int, int]
+
+
+def _pad_to(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """``a`` (h, w, …) at the top left of zeros (H, W, …)."""
+    out = np.zeros(tuple(hw) + a.shape[2:], a.dtype)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out
+
+
+def _on_canvas(group: list, canvas: Canvas | None) -> dict | None:
+    """The batch on its canvas: {"images", "lora_images" (padded), "img_hw", "lora_hw", "lat_hw"
+    (B, 2) and "sizes" (B, 4) = (h, w, h_s, w_s) per edit}; None without a canvas."""
+    if canvas is None:
+        return None
+    lat_c = (canvas.work[0] // 8, canvas.work[1] // 8)
+    for p in group:
+        if p.image.shape[0] > canvas.work[0] or p.image.shape[1] > canvas.work[1]:
+            raise ValueError(f"{p.request.name}: working size {p.image.shape[:2]} exceeds the canvas {canvas.work}")
+    return dict(
+        images=np.stack([_pad_to(p.image, canvas.work) for p in group]),
+        lora_images=np.stack([_pad_to(p.lora_image, canvas.lora) for p in group]),
+        img_hw=np.array([p.image.shape[:2] for p in group], np.int32),
+        lora_hw=np.array([p.lora_image.shape[:2] for p in group], np.int32),
+        lat_hw=np.array([p.latent_hw for p in group], np.int32),
+        sizes=np.array([tuple(p.latent_hw) + tuple(p.sup_hw) for p in group], np.int32),
+        keep=lambda arrs: np.stack([_pad_to(a, lat_c) for a in arrs]),
+        lat_canvas=lat_c)
+
+
 def run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig,
                hypers: list[dict], progress, batch: int | None = None,
-               n_pairs: int | None = None) -> list:
-    """Run one batch of prepared edits of a common working shape through every stage.
+               n_pairs: int | None = None, canvas: Canvas | None = None) -> list:
+    """Run one batch of prepared edits through every stage: of one working shape, or of any
+    shapes that fit ``canvas`` (each edit computed exactly on its own size inside it).
 
-    Shapes are fixed so one program per stage serves a whole shape group: the batch is padded
+    Shapes are fixed so one program per stage serves a whole group: the batch is padded
     to ``batch`` with handle-less copies of the first edit (they finish before their first
     update; their results are dropped) and the handle slots to ``n_pairs`` (masked)."""
     from .assemble import edit_results
@@ -104,14 +144,19 @@ def run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConf
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
         return out
 
-    cfg = replace(cfg, sup_hw=group[0].sup_hw)
+    cv = _on_canvas(group, canvas)
+    cfg = replace(cfg, sup_hw=group[0].sup_hw if cv is None else (canvas.work[0] // 2, canvas.work[1] // 2))
     c0, token_mask, et = _prompts(pipe, group, cfg, timed)
-    start = _start_latents(pipe, group, settings, cfg, c0, n_real, progress, timed, timings)
+    start = _start_latents(pipe, group, settings, cfg, c0, n_real, progress, timed, timings, cv)
     t_star = int(pipe.schedule.timesteps[pipe.schedule.start_index(settings.inversion_strength)])
     shared, inputs, state = _drag(pipe, group, settings, cfg, hypers, n_pairs, start, c0, token_mask, et, t_star,
-                                  progress, timed)
+                                  progress, timed, cv)
     images, z_edit, extras = _denoise_all(pipe, group, settings, cfg, start, c0, t_star, shared, inputs, state,
-                                          progress, timed)
+                                          progress, timed, cv)
+    if cv is not None:  # each edit's own region of the canvas
+        crop = lambda arr, hws: [a[:h, :w] for a, (h, w) in zip(arr, hws)]  # noqa: E731
+        images, z_edit = crop(images, cv["img_hw"]), crop(z_edit, cv["lat_hw"])
+        extras = {k: (crop(im, cv["img_hw"]), ok) for k, (im, ok) in extras.items()}
     return edit_results(group[:n_real], settings, cfg, hypers, t_star, pipe, images, z_edit, extras,
                         jax.tree.map(np.asarray, state), np.asarray(drag_reached(cfg, state)),
                         np.asarray(start["lora_losses"]), len(group),
@@ -133,7 +178,7 @@ def _prompts(pipe: Pipeline, group: list, cfg: DragConfig, timed) -> tuple:
 
 
 def _inverted(pipe: Pipeline, group: list, settings: EditSettings, loras, c0, n_real: int, timed,
-              timings: dict):
+              timings: dict, cv: dict | None = None):
     """The batch's latents at t* (B, h, w, 4): each image encoded and DDIM-inverted with its LoRA
     — or, with the pipeline's cache on, taken from it when every edit's inversion is there (a
     sweep's grid points of one sample in later batches and program groups: an inversion depends on
@@ -142,10 +187,14 @@ def _inverted(pipe: Pipeline, group: list, settings: EditSettings, loras, c0, n_
 
     cache = pipe.lora_cache
     keys = [("inversion", _lora_key(p, settings.lora), hashlib.sha1(np.ascontiguousarray(p.image).tobytes()).hexdigest(),
-             float(settings.inversion_strength)) for p in group]
+             float(settings.inversion_strength), cv is not None) for p in group]
+
+    def cached():  # the cache holds each edit's own (h, w, 4) latent
+        return jnp.stack([cache[k] if cv is None else _pad_to(np.asarray(cache[k]), cv["lat_canvas"]) for k in keys])
+
     if cache is not None and all(k in cache for k in keys):
         timings["encode"] = timings["invert"] = 0.0
-        return jnp.stack([cache[k] for k in keys])
+        return cached()
     b = len(group)
     if cache is None:
         rows, missing = np.arange(b), None
@@ -157,19 +206,24 @@ def _inverted(pipe: Pipeline, group: list, settings: EditSettings, loras, c0, n_
         rows = np.asarray(first + first[:1] * (b - len(first)))
     if cache is not None:
         loras, c0 = jax.tree.map(lambda x: x[rows], loras), c0[rows]
-    z0 = timed("encode", pipe.encode_images, jnp.asarray(np.stack([group[i].image for i in rows])))
-    zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
+    if cv is None:
+        z0 = timed("encode", pipe.encode_images, jnp.asarray(np.stack([group[i].image for i in rows])))
+        zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength)
+    else:
+        z0 = timed("encode", pipe.encode_images, jnp.asarray(cv["images"][rows]), jnp.asarray(cv["img_hw"][rows]))
+        zt = timed("invert", pipe.invert, loras, z0, c0, settings.inversion_strength, jnp.asarray(cv["lat_hw"][rows]))
     if cache is None:
         pipe.inversions_run += n_real
         return zt
     pipe.inversions_run += len(missing)
     for j, k in enumerate(missing):
-        cache[k] = zt[j]
-    return jnp.stack([cache[k] for k in keys])
+        h, w = group[rows[j]].latent_hw
+        cache[k] = zt[j, :h, :w]
+    return cached()
 
 
 def _start_latents(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, c0, n_real: int,
-                   progress, timed, timings: dict) -> dict:
+                   progress, timed, timings: dict, cv: dict | None = None) -> dict:
     """Where the drag starts: {"zt": the latents at t* (B, h, w, 4), "loras", "lora_losses"
     (steps, B), "guide": classifier-free guidance of a generated image or None, "generated"}.
     A real image is encoded, gets its LoRA and is inverted; a generated one starts from its
@@ -177,8 +231,8 @@ def _start_latents(pipe: Pipeline, group: list, settings: EditSettings, cfg: Dra
     b = len(group)
     reqs = [p.request for p in group]
     if group[0].z_start is None:
-        loras, lora_losses = _edit_loras(pipe, group, settings, reqs, c0, b, n_real, progress, timed, timings)
-        return dict(zt=_inverted(pipe, group, settings, loras, c0, n_real, timed, timings), loras=loras,
+        loras, lora_losses = _edit_loras(pipe, group, settings, reqs, c0, b, n_real, progress, timed, timings, cv)
+        return dict(zt=_inverted(pipe, group, settings, loras, c0, n_real, timed, timings, cv), loras=loras,
                     lora_losses=lora_losses, guide=None, generated=False)
     loras = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape), zeros_lora(pipe.sd.unet.lora))
     guide = None
@@ -191,12 +245,14 @@ def _start_latents(pipe: Pipeline, group: list, settings: EditSettings, cfg: Dra
                                 f"{host.title} (its variable is one UNet row); use guidance_scale 1")
         uncond = timed("text", pipe.encode_text_ids, pipe.tokenizer.ids([gen.negative_prompt]))[0]
         guide = {"uncond": uncond, "scale": jnp.float32(gen.guidance_scale)}
-    return dict(zt=jnp.asarray(np.stack([p.z_start for p in group])), loras=loras,
+    zs = [p.z_start if cv is None else _pad_to(p.z_start, cv["lat_canvas"]) for p in group]
+    return dict(zt=jnp.asarray(np.stack(zs)), loras=loras,
                 lora_losses=np.zeros((0, b), np.float32), guide=guide, generated=True)
 
 
 def _drag(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, hypers: list[dict],
-          n_pairs: int | None, start: dict, c0, token_mask, et, t_star: int, progress, timed) -> tuple:
+          n_pairs: int | None, start: dict, c0, token_mask, et, t_star: int, progress, timed,
+          cv: dict | None = None) -> tuple:
     """The host's drag over the batch: (shared weights, inputs, final state). Handles and targets
     are padded to the batch's slot count (masked); without a drawn mask the background weight is
     zero (no background term), or one everywhere for hosts whose background is "always"."""
@@ -204,8 +260,8 @@ def _drag(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, 
     n = max([len(p.handles) for p in group] + [n_pairs or 1])
     h0, mask = _pad_points([p.handles for p in group], n)
     tg, _ = _pad_points([p.targets for p in group], n)
-    keep = np.stack([np.ones_like(p.keep) if cfg.background == "always" and not p.masked else p.keep
-                     for p in group])
+    keeps = [np.ones_like(p.keep) if cfg.background == "always" and not p.masked else p.keep for p in group]
+    keep = np.stack(keeps) if cv is None else cv["keep"](keeps)  # a canvas's padding: no background term
     hyp = DragHypers(*(jnp.asarray([hp[k] for hp in hypers], jnp.float32) for k in DragHypers._fields))
     dbar = Bar(progress, "drag", update_budget(cfg), f"drag ×{b}") if progress else None
 
@@ -219,6 +275,8 @@ def _drag(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, 
     args = (shared, start["loras"], start["zt"], c0, jnp.asarray(h0), jnp.asarray(tg), jnp.asarray(mask),
             jnp.asarray(keep), jnp.asarray(token_mask, jnp.float32), et,
             jnp.full((b,), t_star, jnp.int32), hyp)
+    if cv is not None:
+        args = args + (jnp.asarray(cv["sizes"]),)
     inputs, state = timed("drag_prepare", pipe.stages, "drag_prepare", prep, *args)
     if pipe.stages.measured is not None:  # a compiling view: the loop does not run (and the relay,
         # shared with the pipeline, may be serving a real run in another thread)
@@ -234,7 +292,7 @@ def _drag(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, 
 
 
 def _denoise_all(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConfig, start: dict, c0,
-                 t_star: int, shared, inputs, state, progress, timed) -> tuple:
+                 t_star: int, shared, inputs, state, progress, timed, cv: dict | None = None) -> tuple:
     """The edited images (B, H, W, 3) uint8 at the working size, the final latents, and the extra
     images {(kind, value): (images, finite (B,))} (interpolation, snapshots), each denoised like
     the edit."""
@@ -242,18 +300,21 @@ def _denoise_all(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragC
     loras, zt = start["loras"], start["zt"]
     denoising = Bar(progress, "denoise", 1 + len(settings.interpolation) + len(cfg.snapshots), f"denoise ×{b}")
     plan = _denoise_plan(pipe, cfg, settings, zt, c0, inputs, state)
+    if cv is not None:
+        plan["sizes"] = jnp.asarray(cv["lat_hw"])
     guide = start["guide"]
     if guide is not None:
         plan.update(uncond=jnp.broadcast_to(guide["uncond"], c0.shape), scale=jnp.full((b,), guide["scale"]))
     z_edit = timed("denoise", pipe.denoise, loras, **plan)
-    work_hw = group[0].image.shape[:2]
-    out = np.asarray(timed("decode", pipe.decode_to_uint8, z_edit, work_hw))
+    work_hw = group[0].image.shape[:2] if cv is None else cv["images"].shape[1:3]
+    sized = {} if cv is None else dict(sizes=jnp.asarray(cv["lat_hw"]), out_sizes=jnp.asarray(cv["img_hw"]))
+    out = np.asarray(timed("decode", pipe.decode_to_uint8, z_edit, work_hw, **sized))
     denoising.update(1)
     extras = {}
     for kind, value, variant in _extra_denoise_plans(pipe, cfg, settings, plan, shared, loras, zt, c0, t_star,
                                                      state):
         z_x = timed("denoise_extra", pipe.denoise, loras, **variant)
-        extras[(kind, value)] = np.asarray(timed("decode_extra", pipe.decode_to_uint8, z_x, work_hw)), \
+        extras[(kind, value)] = np.asarray(timed("decode_extra", pipe.decode_to_uint8, z_x, work_hw, **sized)), \
             np.isfinite(np.asarray(z_x)).reshape(b, -1).all(axis=1)
         denoising.update(1)
     denoising.close()
@@ -289,9 +350,13 @@ def _extra_denoise_plans(pipe: Pipeline, cfg: DragConfig, settings: EditSettings
         start = plan["z_src"]
         if host.variable_start is not None:  # e.g. DragNoise's bottleneck at (z*, c)
             nets = pipe.drag_networks(settings.clip_double_unit_map, settings.remat)
-            fn = pipe.jitted(f"variable_start_{host.name}_{settings.remat}_{settings.clip_double_unit_map}",
-                         jax.vmap(lambda *a: host.variable_start(nets, *a), in_axes=(None, 0, 0, 0, None)))
-            start = fn(shared, loras, zt, c0, jnp.int32(t_star))
+            masked = "sizes" in plan
+            fn = pipe.jitted(f"variable_start_{host.name}_{settings.remat}_{settings.clip_double_unit_map}_{masked}",
+                             jax.vmap(lambda s, lo, z, c, t, hw: host.variable_start(
+                                 nets, s, lo, z, c, t, **({"sizes": hw} if masked else {})),
+                                 in_axes=(None, 0, 0, 0, None, 0)))
+            hw = plan["sizes"] if masked else jnp.zeros((zt.shape[0], 2), jnp.int32)
+            start = fn(shared, loras, zt, c0, jnp.int32(t_star), hw)
         for a in settings.interpolation:
             yield "alpha", a, {**plan, var: _lerp(start, plan[var], a), "c_edit": _lerp(plan["c_src"], plan["c_edit"], a)}
     for s, cap in enumerate(cfg.snapshots):

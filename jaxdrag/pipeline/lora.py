@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from ..models.canvas import encoder_canvas
 from ..models.lora import init_lora
 from ..schedule import add_noise
 from .pixels import Array
@@ -66,10 +68,10 @@ def lora_chunk_fn(pipe: "Pipeline", settings: LoRASettings, n: int, crop: tuple[
     adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
     sched = pipe.schedule
 
-    def one_step(params, lora, opt, key, mean, std, ctx, lr, wd):
+    def one_step(params, lora, opt, key, mean, std, ctx, lr, wd, lat_hw):
         k_crop, k_lat, k_t, k_noise = jax.random.split(key, 4)
         bs = settings.batch
-        hh, ww = mean.shape[:2]
+        hh, ww = (mean.shape[0], mean.shape[1]) if lat_hw is None else (lat_hw[0], lat_hw[1])
         ch, cw = crop
         oy = jax.random.randint(k_crop, (bs,), 0, hh - ch + 1)
         ox = jax.random.randint(jax.random.fold_in(k_crop, 1), (bs,), 0, ww - cw + 1)
@@ -91,12 +93,12 @@ def lora_chunk_fn(pipe: "Pipeline", settings: LoRASettings, n: int, crop: tuple[
         lora = jax.tree.map(lambda p, u: p - lr * (u + wd * p), lora, upd)
         return lora, opt, loss
 
-    def chunk(params, loras, opts, keys, means, stds, ctxs, lrs, wds):
+    def chunk(params, loras, opts, keys, means, stds, ctxs, lrs, wds, lat_hws=None):
         def body(carry, _):
             lo, op, ke = carry
             ke, sub = jax.vmap(lambda k: tuple(jax.random.split(k)))(ke)
-            lo, op, loss = jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0))(
-                params, lo, op, sub, means, stds, ctxs, lrs, wds)
+            lo, op, loss = jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, 0))(
+                params, lo, op, sub, means, stds, ctxs, lrs, wds, lat_hws)
             return (lo, op, ke), loss
 
         (loras, opts, keys), losses = jax.lax.scan(body, (loras, opts, keys), None, length=n)
@@ -106,7 +108,7 @@ def lora_chunk_fn(pipe: "Pipeline", settings: LoRASettings, n: int, crop: tuple[
 
 
 def train_lora(pipe: "Pipeline", images_lora: Array, ctx: Array, keys: Array, settings: LoRASettings,
-               on_chunk: Callable[[int], None] | None = None):
+               on_chunk: Callable[[int], None] | None = None, sizes: Array | None = None):
     """Per-edit LoRA identity finetune (§1.4), vmapped over edits.
 
     images_lora: (B, H', W', 3) in [-1, 1], the image resized so its shorter side is the
@@ -114,12 +116,28 @@ def train_lora(pipe: "Pipeline", images_lora: Array, ctx: Array, keys: Array, se
     each step draws a fresh posterior sample, a random native-size crop in latent space (the
     reference's RandomCrop; the identity for square images), timesteps and noise.
     Returns (lora (B, …), losses (steps, B, )).
+
+    ``sizes`` (B, 2) int (a masked canvas): each LoRA image's size inside ``images_lora``; the
+    posterior is encoded on the canvas and the crops are drawn inside each edit's latent — the
+    same crops, samples and noise as for the image alone (the crop has the native size either way).
     """
-    enc = pipe.jitted("vae_enc_post", lambda p, x: pipe.vae_encode_apply(p, x))
-    mean, logvar = pipe.stages("lora_encode", enc, pipe.sd.vae.params, images_lora)
+    if sizes is None:
+        enc = pipe.jitted("vae_enc_post", lambda p, x: pipe.vae_encode_apply(p, x))
+        mean, logvar = pipe.stages("lora_encode", enc, pipe.sd.vae.params, images_lora)
+        lat_hws = None
+    else:
+        enc = pipe.jitted("vae_enc_post_masked", lambda p, x, hw: pipe.vae_encode_apply(
+            p, x, encoder_canvas(hw, x.shape[1:3], pipe.vae_levels())))
+        sizes = jnp.asarray(sizes, jnp.int32)
+        mean, logvar = pipe.stages("lora_encode", enc, pipe.sd.vae.params, images_lora, sizes)
+        lat_hws = sizes // 8
     std = jnp.exp(0.5 * logvar)
     n_lat = pipe.native_width // 8
     crop = (min(n_lat, mean.shape[1]), min(n_lat, mean.shape[2]))
+    if sizes is not None:
+        lat = np.asarray(lat_hws)
+        if (lat < n_lat).any():  # the unpadded crop would be smaller than native: not on a canvas
+            raise ValueError(f"LoRA images on a canvas need both latent sides ≥ {n_lat}, got {lat.tolist()}")
     b = images_lora.shape[0]
     init = jax.vmap(lambda k: init_lora(pipe.sd.unet.lora, k))
     k_init, k_steps = jax.vmap(lambda k: tuple(jax.random.split(k)))(keys)
@@ -132,12 +150,12 @@ def train_lora(pipe: "Pipeline", images_lora: Array, ctx: Array, keys: Array, se
     wds = jnp.full((b,), settings.weight_decay, jnp.float32)
     while done < settings.steps:
         n = min(settings.chunk, settings.steps - done)
-        key = ("lora", settings.batch, settings.remat, n, crop)  # lr and weight decay are traced
+        key = ("lora", settings.batch, settings.remat, n, crop, lat_hws is not None)  # lr, weight decay traced
         with pipe.jit_lock:
             if key not in pipe.jit_cache:
                 pipe.jit_cache[key] = lora_chunk_fn(pipe, settings, n, crop)
         loras, opts, k_steps, l = pipe.stages("lora", pipe.jit_cache[key], pipe.sd.unet.params, loras, opts,
-                                              k_steps, mean, std, ctx, lrs, wds)
+                                              k_steps, mean, std, ctx, lrs, wds, lat_hws)
         losses.append(l)
         done += n
         if on_chunk is not None:

@@ -25,6 +25,7 @@ from ..tokenizer import Tokenizer
 from . import dragnets, sampling
 from . import lora as lora_room
 from .lora import LoRASettings
+from ..models.canvas import encoder_canvas
 from .pixels import Array, clip_pixels, tree_bytes
 from .stages import ProgressRelay, Stages
 
@@ -227,22 +228,23 @@ class Pipeline:
         return self.sd.unet.lora
 
     def train_lora(self, images_lora: Array, ctx: Array, keys: Array, settings: LoRASettings,
-                   on_chunk: Callable[[int], None] | None = None):
-        """Per-edit LoRA, vmapped over edits (``lora.train_lora``): (lora (B, …), losses (steps, B))."""
-        return lora_room.train_lora(self, images_lora, ctx, keys, settings, on_chunk)
+                   on_chunk: Callable[[int], None] | None = None, sizes: Array | None = None):
+        """Per-edit LoRA, vmapped over edits (``lora.train_lora``): (lora (B, …), losses (steps, B)).
+        ``sizes`` (B, 2): each LoRA image's size inside the batch's canvas."""
+        return lora_room.train_lora(self, images_lora, ctx, keys, settings, on_chunk, sizes)
 
-    def invert(self, loras, z0: Array, ctx: Array, strength: float) -> Array:
-        """DDIM inversion z0 → z_{t*} per edit (``sampling.invert``)."""
-        return sampling.invert(self, loras, z0, ctx, strength)
+    def invert(self, loras, z0: Array, ctx: Array, strength: float, sizes: Array | None = None) -> Array:
+        """DDIM inversion z0 → z_{t*} per edit (``sampling.invert``; ``sizes``: latent sizes in a canvas)."""
+        return sampling.invert(self, loras, z0, ctx, strength, sizes)
 
     def denoise(self, loras, z_src: Array, z_edit: Array, c_src: Array, c_edit: Array,
                 strength: float, reference: bool = True, *, start: Array | None = None,
                 mid: Array | None = None, mid_steps: int = 0, uncond: Array | None = None,
-                scale: Array | None = None) -> Array:
+                scale: Array | None = None, sizes: Array | None = None) -> Array:
         """Denoise the pair [z*, ẑ] from t* to 0 with reference attention (``sampling.denoise``);
-        the edited branch's final latent (B, h, w, 4)."""
+        the edited branch's final latent (B, h, w, 4). ``sizes``: latent sizes in a masked canvas."""
         return sampling.denoise(self, loras, z_src, z_edit, c_src, c_edit, strength, reference, start=start,
-                                mid=mid, mid_steps=mid_steps, uncond=uncond, scale=scale)
+                                mid=mid, mid_steps=mid_steps, uncond=uncond, scale=scale, sizes=sizes)
 
     def generate(self, prompts: Sequence[str], *, seed: int | Sequence[int] = 0, guidance_scale: float = 7.5,
                  steps: int | None = None, negative_prompt: str = "",
@@ -252,14 +254,21 @@ class Pipeline:
         return sampling.generate(self, prompts, seed=seed, guidance_scale=guidance_scale, steps=steps,
                                  negative_prompt=negative_prompt, hw=hw, stop_at=stop_at)
 
-    def decode_to_uint8(self, latents: Array, out_hw: tuple[int, int]) -> Array:
-        """VAE decode → [0, 1] → bilinear resize to ``out_hw`` → uint8 (``sampling.decode_to_uint8``)."""
-        return sampling.decode_to_uint8(self, latents, out_hw)
+    def decode_to_uint8(self, latents: Array, out_hw: tuple[int, int], sizes: Array | None = None,
+                        out_sizes: Array | None = None) -> Array:
+        """VAE decode → [0, 1] → bilinear resize to ``out_hw`` → uint8 (``sampling.decode_to_uint8``;
+        ``sizes``, ``out_sizes``: latent and image sizes in a masked canvas)."""
+        return sampling.decode_to_uint8(self, latents, out_hw, sizes, out_sizes)
 
-    def encode_images(self, images: Array) -> Array:
-        """Posterior mean × scaling factor (the latent DragDiffusion inverts)."""
-        fn = self.jitted("vae_enc", lambda p, x: self.vae_encode_apply(p, x)[0] * self.scaling_factor)
-        return self.stages("encode", fn, self.sd.vae.params, images)
+    def encode_images(self, images: Array, sizes: Array | None = None) -> Array:
+        """Posterior mean × scaling factor (the latent DragDiffusion inverts). ``sizes`` (B, 2):
+        each image's size inside the batch's canvas (a masked canvas; latents ⌊h/8⌋ × ⌊w/8⌋ valid)."""
+        if sizes is None:
+            fn = self.jitted("vae_enc", lambda p, x: self.vae_encode_apply(p, x)[0] * self.scaling_factor)
+            return self.stages("encode", fn, self.sd.vae.params, images)
+        fn = self.jitted("vae_enc_masked", lambda p, x, hw: self.vae_encode_apply(
+            p, x, encoder_canvas(hw, x.shape[1:3], self.vae_levels()))[0] * self.scaling_factor)
+        return self.stages("encode", fn, self.sd.vae.params, images, jnp.asarray(sizes, jnp.int32))
 
     def encode_text_ids(self, ids) -> Array:
         return self.stages("text", self.jitted("text", self.text_apply), self.sd.text_encoder.params,

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..models.canvas import bilinear_matrix
+
 
 
 Array = jax.Array
@@ -79,6 +81,17 @@ def bilinear_resize(images: Array, hw: tuple[int, int]) -> Array:
     if images.shape[1:3] == tuple(hw):
         return images
     return jax.image.resize(images, (b, hw[0], hw[1], c), method="linear", antialias=False)
+
+
+def bilinear_resize_each(images: Array, in_hw: Array, out_hw: Array, shape: tuple[int, int]) -> Array:
+    """``bilinear_resize`` of each image of a masked canvas: image b's top-left ``in_hw[b]``
+    region of ``images`` (B, H, W, C) resized to ``out_hw[b]`` at the top left of (B, *shape, C),
+    zeros beyond (per-edit weight matrices: the sizes are traced)."""
+    ry = jax.vmap(lambda a, b: bilinear_matrix(a, b, images.shape[1], shape[0]))(in_hw[:, 0], out_hw[:, 0])
+    rx = jax.vmap(lambda a, b: bilinear_matrix(a, b, images.shape[2], shape[1]))(in_hw[:, 1], out_hw[:, 1])
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("bsh,bhwc->bswc", ry, images.astype(jnp.float32), precision=hi)
+    return jnp.einsum("btw,bswc->bstc", rx, x, precision=hi)
 
 
 def to_uint8(images: Array) -> Array:

@@ -13,30 +13,44 @@ import numpy as np
 
 from ..models.lora import zeros_lora
 from ..schedule import ddim_step, inversion_step
-from .pixels import Array, bilinear_resize, to_uint8
+from ..models.canvas import decoder_canvas, unet_canvas
+from .pixels import Array, bilinear_resize, bilinear_resize_each, to_uint8
 
 if TYPE_CHECKING:
     from .networks import Pipeline
 
 
-def invert(pipe: "Pipeline", loras, z0: Array, ctx: Array, strength: float) -> Array:
-    """DDIM inversion z0 → z_{t*} (K = round(strength·50) steps, no CFG), per edit."""
-    ts = jnp.asarray(pipe.schedule.inversion_timesteps(strength), jnp.int32)
+def _canvas(pipe: "Pipeline", size, rows: int, hw):
+    """The UNet canvas of ``rows`` rows of one edit whose latent is ``size`` (2,) inside ``hw``
+    (None: no canvas)."""
+    if size is None:
+        return None
+    return unet_canvas(jnp.broadcast_to(size, (rows, 2)), hw, pipe.unet_levels())
 
-    def one(params, lora, z, c):
+
+def invert(pipe: "Pipeline", loras, z0: Array, ctx: Array, strength: float, sizes: Array | None = None) -> Array:
+    """DDIM inversion z0 → z_{t*} (K = round(strength·50) steps, no CFG), per edit. ``sizes``
+    (B, 2) int: each edit's latent size inside the batch's canvas (a masked canvas)."""
+    ts = jnp.asarray(pipe.schedule.inversion_timesteps(strength), jnp.int32)
+    masked = sizes is not None
+
+    def one(params, lora, z, c, size):
+        canvas = _canvas(pipe, size if masked else None, 1, z.shape[:2])
+
         def body(z, t):
-            eps = pipe.unet_apply(params, lora, z[None], t, c[None])[0][0]
+            eps = pipe.unet_apply(params, lora, z[None], t, c[None], canvas=canvas)[0][0]
             return inversion_step(pipe.schedule, z, eps, t), None
         return jax.lax.scan(body, z, ts)[0]
 
-    fn = pipe.jitted(("invert", strength), jax.vmap(one, in_axes=(None, 0, 0, 0)))
-    return pipe.stages("invert", fn, pipe.sd.unet.params, loras, z0, ctx)
+    fn = pipe.jitted(("invert", strength, masked), jax.vmap(one, in_axes=(None, 0, 0, 0, 0)))
+    sizes = jnp.zeros((z0.shape[0], 2), jnp.int32) if sizes is None else jnp.asarray(sizes, jnp.int32)
+    return pipe.stages("invert", fn, pipe.sd.unet.params, loras, z0, ctx, sizes)
 
 
 def denoise(pipe: "Pipeline", loras, z_src: Array, z_edit: Array, c_src: Array, c_edit: Array,
             strength: float, reference: bool = True, *, start: Array | None = None,
             mid: Array | None = None, mid_steps: int = 0, uncond: Array | None = None,
-            scale: Array | None = None) -> Array:
+            scale: Array | None = None, sizes: Array | None = None) -> Array:
     """Denoise the pair [z*, ẑ] from t* to 0 (§1.5): the source branch on the original text
     embedding, the edited branch on the optimised one, both with the edit's LoRA; with
     ``reference`` the last six decoder pipe-attentions of both rows attend to the source
@@ -48,8 +62,11 @@ def denoise(pipe: "Pipeline", loras, z_src: Array, z_edit: Array, c_src: Array, 
     both rows during the first ``mid_steps`` of the K steps.
     uncond (B, T, D), scale (B,): classifier-free guidance (drags on generated images): the
     pair runs once on [c_u, c_u] and once on [c, ĉ], each with its own mutual pipe-attention
-    (MasaCtrl per half), ε = ε_u + s·(ε_c − ε_u)."""
+    (MasaCtrl per half), ε = ε_u + s·(ε_c − ε_u).
+    sizes (B, 2) int: each edit's latent size inside the batch's canvas (a masked canvas)."""
     ts = jnp.asarray(pipe.schedule.denoise_timesteps(strength), jnp.int32)
+    masked = sizes is not None
+    sizes = jnp.zeros((z_src.shape[0], 2), jnp.int32) if sizes is None else jnp.asarray(sizes, jnp.int32)
     n_steps = len(ts)
     b = z_src.shape[0]
     start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
@@ -59,24 +76,25 @@ def denoise(pipe: "Pipeline", loras, z_src: Array, z_edit: Array, c_src: Array, 
     if not guided:
         uncond, scale = jnp.zeros((b, 1), jnp.float32), jnp.ones((b,), jnp.float32)
 
-    def one(params, lora, zs, ze, cs, ce, s0, h, cu, g):
+    def one(params, lora, zs, ze, cs, ce, s0, h, cu, g, size):
         ctx = jnp.stack([cs, ce])
+        canvas = _canvas(pipe, size if masked else None, 2, zs.shape[:2])
 
         def body(z, k):
             t = ts[k]
             inject = dict(mid_override=jnp.stack([h, h]), mid_use=k < mid_steps) if with_mid else {}
-            eps = pipe.unet_apply(params, lora, z, t, ctx, reference=reference, **inject)[0]
+            eps = pipe.unet_apply(params, lora, z, t, ctx, reference=reference, canvas=canvas, **inject)[0]
             if guided:
                 e_u = pipe.unet_apply(params, lora, z, t, jnp.stack([cu, cu]).astype(ctx.dtype),
-                                      reference=reference)[0]
+                                      reference=reference, canvas=canvas)[0]
                 eps = e_u.astype(jnp.float32) + g * (eps.astype(jnp.float32) - e_u.astype(jnp.float32))
             return jnp.where(k >= s0, ddim_step(pipe.schedule, z, eps, t), z), None
         return jax.lax.scan(body, jnp.stack([zs, ze]), jnp.arange(n_steps))[0][1]
 
-    fn = pipe.jitted(("denoise", strength, reference, with_mid, mid_steps, guided),
-                 jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
+    fn = pipe.jitted(("denoise", strength, reference, with_mid, mid_steps, guided, masked),
+                 jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
     return pipe.stages("denoise", fn, pipe.sd.unet.params, loras, z_src, z_edit, c_src, c_edit,
-                       start, mid, uncond, jnp.asarray(scale, jnp.float32))
+                       start, mid, uncond, jnp.asarray(scale, jnp.float32), sizes)
 
 
 def generate(pipe: "Pipeline", prompts: Sequence[str], *, seed: int | Sequence[int] = 0, guidance_scale: float = 7.5,
@@ -124,8 +142,21 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, seed: int | Sequence[i
     return (images, z) if stop_at is None else (images, z, z_k)
 
 
-def decode_to_uint8(pipe: "Pipeline", latents: Array, out_hw: tuple[int, int]) -> Array:
-    """VAE decode → clamp to [0, 1] → bilinear resize to ``out_hw`` → uint8 (truncated)."""
-    def fn(params, z):
-        return to_uint8(bilinear_resize(pipe.vae_decode_apply(params, z), out_hw))
-    return pipe.stages("decode", pipe.jitted(("decode", out_hw), fn), pipe.sd.vae.params, latents)
+def decode_to_uint8(pipe: "Pipeline", latents: Array, out_hw: tuple[int, int], sizes: Array | None = None,
+                    out_sizes: Array | None = None) -> Array:
+    """VAE decode → clamp to [0, 1] → bilinear resize to ``out_hw`` → uint8 (truncated).
+    A masked canvas: ``sizes`` (B, 2) each edit's latent size inside the latents' canvas and
+    ``out_sizes`` (B, 2) its image size inside ``out_hw`` (each image at the top left of its
+    canvas, zeros beyond; crop it with ``models.canvas.crop``)."""
+    if sizes is None:
+        def fn(params, z):
+            return to_uint8(bilinear_resize(pipe.vae_decode_apply(params, z), out_hw))
+        return pipe.stages("decode", pipe.jitted(("decode", out_hw), fn), pipe.sd.vae.params, latents)
+
+    def fn_masked(params, z, lat, out):
+        canvas = decoder_canvas(lat, z.shape[1:3], pipe.vae_levels())
+        x = pipe.vae_decode_apply(params, z, canvas)
+        k = x.shape[1] // z.shape[1]
+        return to_uint8(bilinear_resize_each(x, lat * k, out, out_hw))
+    return pipe.stages("decode", pipe.jitted(("decode_masked", out_hw), fn_masked), pipe.sd.vae.params, latents,
+                       jnp.asarray(sizes, jnp.int32), jnp.asarray(out_sizes, jnp.int32))

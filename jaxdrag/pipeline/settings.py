@@ -25,6 +25,10 @@ class EditSettings:
     interpolation: DragText §6's α values (e.g. (0, 0.25, 0.5, 0.75, 1, 1.25, 1.5)): each result
     also holds the images of (z*, c) → (ẑ, ĉ) interpolated linearly (``EditResult.interpolation``),
     denoised like the edit in batches of its size.
+    buckets: "exact" — one group per working shape (each stage compiles per shape); "auto" —
+    the run's shapes share a few masked canvases (``buckets.plan_buckets``: at most
+    ``max_buckets``, merged while the padding waste stays ≤ ``bucket_waste``), edits of different
+    sizes batched together, each computed exactly on its own size.
     """
 
     method: str = "dragtext"
@@ -37,9 +41,21 @@ class EditSettings:
     remat: str = "off"
     memory_fraction: float = 0.85  # of each device's memory that ``batch_size="auto"`` plans to use
     interpolation: tuple[float, ...] = ()
+    buckets: str = "exact"
+    bucket_waste: float = 0.25
+    max_buckets: int = 8
 
     def __post_init__(self):
         from ..errors import SettingsError, check_number
+
+        if self.buckets not in ("exact", "auto"):
+            raise SettingsError(f"setting buckets = {self.buckets!r}: must be 'exact' or 'auto'")
+        waste = check_number("bucket_waste", self.bucket_waste, low=0.0, high=1.0)
+        if waste >= 1.0:
+            raise SettingsError(f"setting bucket_waste = {self.bucket_waste!r}: must be < 1 (a share of the canvas)")
+        object.__setattr__(self, "bucket_waste", waste)
+        object.__setattr__(self, "max_buckets", check_number("max_buckets", self.max_buckets, positive=True,
+                                                             integer=True))
 
         if isinstance(self.interpolation, (str, bytes)) or not hasattr(self.interpolation, "__iter__"):
             raise SettingsError(f"setting interpolation = {self.interpolation!r}: must be a list of α values")

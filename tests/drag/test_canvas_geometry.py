@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdrag.drag.losses import bilinear_matrix, motion_supervision, upsample_features
+from jaxdrag.drag.losses import motion_supervision, upsample_features
+from jaxdrag.models.canvas import bilinear_matrix
 from jaxdrag.drag.tracking import templates, track
 
 
