@@ -30,7 +30,7 @@ def _at_input_size(img: np.ndarray, in_hw: tuple[int, int]) -> np.ndarray:
 
 
 def edit_config(p, settings, cfg: DragConfig, hypers: dict, t_star: int, pipe, batch: int, n_real: int,
-                lora_final_loss, generated: bool) -> dict:
+                lora_final_loss, generated: bool, canvas=None) -> dict:
     """Everything that determined one edit (written next to its image)."""
     config = {
         "method": settings.method, "drag": cfg_dict(cfg), "hypers": hypers,
@@ -44,6 +44,8 @@ def edit_config(p, settings, cfg: DragConfig, hypers: dict, t_star: int, pipe, b
         "seed": p.request.seed, "model": str(pipe.sd.source),
         "dtype": jnp.dtype(pipe.policy.compute).name, "batch_size": batch, "batch_edits": n_real,
         "lora_final_loss": lora_final_loss,
+        # the working-image canvas the edit was computed in (``buckets``), None: its own shape
+        "canvas": None if canvas is None else list(canvas.work),
     }
     if p.request.source is not None:
         config["input"] = p.request.source  # e.g. the EXIF orientation applied on reading
@@ -57,7 +59,7 @@ def edit_config(p, settings, cfg: DragConfig, hypers: dict, t_star: int, pipe, b
 
 def edit_results(group: list, settings, cfg: DragConfig, hypers: list[dict], t_star: int, pipe,
                  images: np.ndarray, z_edit: np.ndarray, extras: dict, st, reached: np.ndarray,
-                 lora_losses: np.ndarray, batch: int, timings: dict) -> list:
+                 lora_losses: np.ndarray, batch: int, timings: dict, canvas=None) -> list:
     """``EditResult``s of the real edits ``group`` of a batch of ``batch``: ``images`` (B, H, W, 3)
     uint8 and ``z_edit`` (B, h, w, 4) the denoised edits, ``extras`` {(kind, value): (images,
     finite (B,))}, ``st`` the final drag state (numpy), ``reached`` (B,) bool, ``lora_losses``
@@ -72,7 +74,7 @@ def edit_results(group: list, settings, cfg: DragConfig, hypers: list[dict], t_s
         k = len(p.handles)
         n_traj = int(st.it[i]) + int(st.done[i])
         config = edit_config(p, settings, cfg, hypers[i], t_star, pipe, batch, len(group),
-                             float(lora_losses[-1, i]) if len(lora_losses) else None, generated)
+                             float(lora_losses[-1, i]) if len(lora_losses) else None, generated, canvas)
 
         def final_image(kind, value):
             im, ok = extras[(kind, value)]

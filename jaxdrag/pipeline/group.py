@@ -160,7 +160,7 @@ def run_group(pipe: Pipeline, group: list, settings: EditSettings, cfg: DragConf
     return edit_results(group[:n_real], settings, cfg, hypers, t_star, pipe, images, z_edit, extras,
                         jax.tree.map(np.asarray, state), np.asarray(drag_reached(cfg, state)),
                         np.asarray(start["lora_losses"]), len(group),
-                        {**timings, **{f"compile_{k}": v for k, v in pipe.stages.last_compile_s.items()}})
+                        {**timings, **{f"compile_{k}": v for k, v in pipe.stages.last_compile_s.items()}}, canvas)
 
 
 def _prompts(pipe: Pipeline, group: list, cfg: DragConfig, timed) -> tuple:
