@@ -112,7 +112,9 @@ def edit_settings(args):
                         remat=args.remat,
                         reference_attention=not args.no_reference_attention,
                         clip_double_unit_map=args.clip_double_unit_map,
-                        batch_size=getattr(args, "batch_size", 8), interpolation=args.interpolate)
+                        batch_size=getattr(args, "batch_size", 8), interpolation=args.interpolate,
+                        buckets=getattr(args, "buckets", "exact"), bucket_waste=getattr(args, "bucket_waste", 0.25),
+                        max_buckets=getattr(args, "max_buckets", 8))
 
 
 def int_list(flag: str, text: str) -> tuple[int, ...]:

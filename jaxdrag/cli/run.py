@@ -54,7 +54,8 @@ def cmd_run(args) -> int:
             _edit_samples(args, cfg, settings, loaded, out, peer, failures, ran, stats)
     finally:  # a summary even when the run is interrupted or a batch crashes the process
         done = stats.pop("done")
-        summary = {"dataset": str(args.dataset), "method": args.method, "total": len(samples), "done": done,
+        summary = {"dataset": str(args.dataset), "method": args.method, "buckets": settings.buckets,
+                   "total": len(samples), "done": done,
                    "failed": failures, **stats, "wall_s": round(time.perf_counter() - t_start, 1)}
         missing = []
         if nproc > 1:
@@ -101,6 +102,10 @@ def _edit_samples(args, cfg, settings, loaded: list, out: Path, peer, failures: 
         s = loaded[i][0]
         res.name = s.name
         write_result(res, out / s.name)
+        # batches (each of its edits counts 1/edits) and the canvases edits ran in
+        stats["batches"] = round(stats.get("batches", 0.0) + 1.0 / max(1, res.config["batch_edits"]), 6)
+        canvas = "x".join(map(str, res.config["canvas"] or res.config["working_size"]))
+        stats.setdefault("shapes", {})[canvas] = stats.get("shapes", {}).get(canvas, 0) + 1
         ran.append(s.name)
         if peer is not None and res.failure is None:
             peer.finish(s.name)
@@ -233,6 +238,13 @@ def add_parser(sub) -> None:
     p.add_argument("--compile-workers", type=int, default=2,
                    help="threads compiling the programs of the next shape groups while the current one runs "
                         "(0: compile each when first needed)")
+    p.add_argument("--buckets", choices=("auto", "exact"), default="auto",
+                   help="auto (default): samples of different sizes share a few masked canvases (each edit computed "
+                        "exactly on its own size; images within 1 grey level of exact), so each stage compiles once "
+                        "per bucket; exact: one group per working shape")
+    p.add_argument("--bucket-waste", type=float, default=0.25,
+                   help="with --buckets auto: merge buckets while the padding stays under this share of the canvas")
+    p.add_argument("--max-buckets", type=int, default=8, help="with --buckets auto: at most this many canvases")
     p.add_argument("--compile-only", action="store_true",
                    help="compile (into the persistent compilation cache) every program the run needs, run no "
                         "edit, and report programs, compile seconds summed and wall time")

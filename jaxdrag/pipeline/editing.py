@@ -90,7 +90,11 @@ def _batch_plans(pipe: Pipeline, prepared: list, settings: EditSettings, cfg: Dr
             limit = per_device * pipe.n_devices
         b = min(limit, pow2_bucket(len(idx)))
         b = -(-b // pipe.n_devices) * pipe.n_devices  # an equal share for every device
-        plans.append((idx, b, n_pairs, canvases[idx[0]]))
+        canvas = canvases[idx[0]]
+        if canvas is not None and len({(prepared[i].image.shape[:2], prepared[i].lora_image.shape[:2])
+                                       for i in idx}) == 1:
+            canvas = None  # one shape in the bucket: no padding needed, the per-shape programs bit for bit
+        plans.append((idx, b, n_pairs, canvas))
     return plans
 
 
