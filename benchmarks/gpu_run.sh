@@ -10,7 +10,8 @@
 # Wheels: when the machine lacks the packages, put them in .whl/ (installed to /tmp/site, no index).
 # REMAT=off|blocks|dots picks the remat policy of the batch-8 edit (default dots).
 # dragbench: DragBench (DRAGBENCH=folder, default ../shared/data/DragBench; DB_LIMIT samples, default all
-# 205) with faithful DragText, compilation included (issue 25's goal: under 12 minutes on one H100).
+# 205) with faithful DragText, compilation included (issue 25's goal: under 12 minutes on one H100), in
+# masked-canvas buckets (DB_BUCKETS=auto, default; exact: one group per shape; exact,auto: both side by side).
 set -uo pipefail
 out=${1:?output folder}; what=${2:-all}
 mkdir -p "$out"
@@ -51,7 +52,7 @@ if step dragbench; then
   db=${DRAGBENCH:-../shared/data/DragBench}
   if [ -d "$db" ]; then
     run dragbench 590 python3 benchmarks/dragbench_run.py "$db" --model sd15 --dtype bfloat16 --batch-size 8 \
-      --limit "${DB_LIMIT:-205}" --out "$out/gpu_dragbench.json"
+      --limit "${DB_LIMIT:-205}" --buckets "${DB_BUCKETS:-auto}" --out "$out/gpu_dragbench.json"
   else
     echo "== dragbench: $db not present, skipped" | tee -a "$out/commands.txt"
   fi

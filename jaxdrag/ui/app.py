@@ -206,9 +206,12 @@ class App:
         if method not in METHODS:
             raise SettingsError(f"method {method!r}: choose one of {', '.join(METHODS)}")
         pipe_fields, overrides, hypers = ui_settings.split(method, values, extra)
+        # buckets: each image's working size rounded up to the canvas step (no merging, so the canvases
+        # are the same whoever is online): edits of sizes that round alike share a batch
         settings = EditSettings(method=method, inversion_strength=pipe_fields.get("inversion_strength"),
                                 lora=LoRASettings(steps=pipe_fields.get("lora_steps")),
-                                interpolation=ui_settings.INTERPOLATION if interpolate else ())
+                                interpolation=ui_settings.INTERPOLATION if interpolate else (),
+                                buckets="auto", bucket_waste=0.0)
         try:
             seed_i = int(seed)
         except (TypeError, ValueError):

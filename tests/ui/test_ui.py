@@ -343,6 +343,8 @@ def test_app_generate_then_edit_the_generation(app):
     s = {**s, "points": [[10, 10], [20, 10]]}
     req, settings, overrides = app.build_request(s, "a blue square", "", "dragtext", SETTINGS_TEXT, "", 0, False)
     assert req.image is None and req.generation == Generation(seed=3, guidance_scale=2.0)
+    # the page's edits share canvases: sizes rounded up to the canvas step, no merging
+    assert settings.buckets == "auto" and settings.bucket_waste == 0.0
     # a bad spec: a message, no image
     assert "guidance_scale must be a number ≥ 1" in app.generate("x", 0, 0.5, _session())[-1]
     assert "must be numbers" in app.generate("x", None, 7.5, _session())[-1]
