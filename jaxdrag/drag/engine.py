@@ -154,6 +154,16 @@ class DragInputs(NamedTuple):
     # sizes inside the arrays above, (4,) int32; None: the arrays are the edit
     sizes: Array | None = None
 
+    @property
+    def latent_size(self) -> Array | None:
+        """(h, w) of the edit's latent in a masked canvas, or None."""
+        return None if self.sizes is None else self.sizes[:2]
+
+    @property
+    def sup_size(self) -> Array | None:
+        """(h_s, w_s) of the edit's supervision map in a masked canvas, or None."""
+        return None if self.sizes is None else self.sizes[2:]
+
 
 def sized(fn: Callable, sizes: Array | None) -> Callable:
     """A network function with the edit's canvas sizes bound (``DragInputs.sizes``), or itself

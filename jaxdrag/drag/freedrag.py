@@ -182,11 +182,6 @@ def prepare(nets: DragNetworks, cfg: DragConfig, shared, edit, z0, c0, handles0,
     return inp, st
 
 
-def _sup(inp: DragInputs):
-    """The edit's supervision size (h_s, w_s) in a masked canvas, or None."""
-    return None if inp.sizes is None else inp.sizes[2:]
-
-
 def _block_start(f, st: FreeDragState, inp: DragInputs, w: int):
     """At the first step of a block (``st.inner == 0``): close the previous block (its end loss,
     the per-point done signs, the adaptive template update), the stop test, and the line search
@@ -194,7 +189,7 @@ def _block_start(f, st: FreeDragState, inp: DragInputs, w: int):
     line-search type per point); outside a block start the state's values."""
     hp = inp.hypers
     at_start = st.inner == 0
-    hw = _sup(inp)
+    hw = inp.sup_size
     l_end_c, sign_c, tmpl_c = close_block(f, st, inp.targets, inp.mask, w=w, l_expected=hp.l_expected, hw=hw)
     close = at_start & st.started
     l_end = jnp.where(close, l_end_c, st.l_end)
@@ -222,7 +217,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     fwd_ok = jnp.all(jnp.isfinite(eps)) & jnp.all(jnp.isfinite(f_lat))
     first = st.it == 0
     eps0 = jnp.where(first, jax.lax.stop_gradient(eps), st.eps0)
-    hw = _sup(inp)
+    hw = inp.sup_size
     tmpl0 = jnp.where(first, jax.vmap(lambda q: patch_features(f, q, w, hw))(inp.handles0), st.tmpl)
     st = st._replace(tmpl=tmpl0)
 
@@ -230,7 +225,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
     at_start, l_end, sign, tmpl, all_done, q, ltype = _block_start(f, st, inp, w)
 
     # ---- one Adam step on this forward
-    lam = background_weight(cfg, hp.lam, inp.z0, None if inp.sizes is None else inp.sizes[:2])
+    lam = background_weight(cfg, hp.lam, inp.z0, inp.latent_size)
 
     def local_loss(z, e, fl):
         ell = point_losses(upsample_features(fl, cfg.sup_hw, map_sizes(inp.sizes, fl.shape, inp.z0.shape)), q,

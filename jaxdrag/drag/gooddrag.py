@@ -132,14 +132,14 @@ def _drag_update(cfg: DragConfig, inp, pre, st: GoodDragState, jj, t, eps, f_lat
     opt_c) after the update."""
     hp, sched = inp.hypers, cfg.schedule
     weight = float((2 * cfg.r_m) ** 2) if cfg.ms_weight is None else cfg.ms_weight
-    lam = background_weight(cfg, hp.lam, inp.z0, None if inp.sizes is None else inp.sizes[:2])
+    lam = background_weight(cfg, hp.lam, inp.z0, inp.latent_size)
     ref = pre.ref[jj]
 
     def local_loss(z, e, fl):
         ms = motion_supervision(upsample_features(fl, cfg.sup_hw, map_sizes(inp.sizes, fl.shape, inp.z0.shape)),
                                 handles, inp.targets, inp.mask, r=cfg.r_m, max_step=cfg.max_step, weight=weight,
                                 ref_patches=ref, ref_points=inp.handles0,
-                                hw=None if inp.sizes is None else inp.sizes[2:])
+                                hw=inp.sup_size)
         # Φ(z, ε) − X^o_j = Φ(z − z^o_j, ε − ε^o_j): exactly 0 before the first update
         bg = background_loss(ddim_step(sched, z - pre.zs[jj], e - pre.eps[jj], t), inp.keep, lam)
         return ms + bg, ms
@@ -172,7 +172,7 @@ def step(nets: DragNetworks, cfg: DragConfig, shared, edit, inputs, st: GoodDrag
     tmpl = pre.tmpl[jj]
 
     def do_track(h):
-        return track(f, tmpl, h, inp.targets, inp.mask, r=cfg.r_p, hw=None if inp.sizes is None else inp.sizes[2:])
+        return track(f, tmpl, h, inp.targets, inp.mask, r=cfg.r_p, hw=inp.sup_size)
 
     handles = jnp.where(st.first & fwd_ok, do_track(st.handles), st.handles)
     dist = jnp.linalg.norm(inp.targets - handles, axis=-1)

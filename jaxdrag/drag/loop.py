@@ -173,16 +173,11 @@ def _see(nets: DragNetworks, cfg: DragConfig, shared, edit, inp: DragInputs, st:
                 inp.handles0, cfg.r_m),
                               st.ref_text)
     tracked = track(f, tmpl, st.handles, inp.targets, inp.mask, r=cfg.r_p, fast=cfg.tracking == "fast",
-                    hw=_sup(inp))
+                    hw=inp.sup_size)
     handles = jnp.where((st.it > 0) & fwd_ok, tracked, st.handles)
     dist = jnp.linalg.norm(inp.targets - handles, axis=-1)
     active = inp.mask & (dist >= STOP_DISTANCE)
     return _Seen(vjp, eps, f_lat, f_txt, fwd_ok, eps0, tmpl, ref_p, ref_t, handles, active, ~jnp.any(active))
-
-
-def _sup(inp: DragInputs):
-    """The edit's supervision size (h_s, w_s) in a masked canvas, or None."""
-    return None if inp.sizes is None else inp.sizes[2:]
 
 
 def _gradients(nets: DragNetworks, cfg: DragConfig, shared, inp: DragInputs, st: DragState, s: _Seen):
@@ -200,8 +195,8 @@ def _gradients(nets: DragNetworks, cfg: DragConfig, shared, inp: DragInputs, st:
         return geps, gf, jnp.zeros_like(s.f_txt) if gtxt is None else gtxt
 
     ref = dict(ref_patches=s.ref_p, ref_points=inp.handles0) if cfg.ms_reference == "initial" else {}
-    lam = background_weight(cfg, hp.lam, inp.z0, None if inp.sizes is None else inp.sizes[:2])
-    sup = _sup(inp)
+    lam = background_weight(cfg, hp.lam, inp.z0, inp.latent_size)
+    sup = inp.sup_size
 
     def local_loss(v, e, fl):
         ms = motion_supervision(upsample_features(fl, cfg.sup_hw, map_sizes(inp.sizes, fl.shape, inp.z0.shape)),
