@@ -36,6 +36,8 @@ def cmd_ui(args) -> int:
     pipe = load_models(args, args.clip is not None)
     app = App(pipe, samples=args.samples, out=args.out, window_s=args.batch_window, max_batch=args.max_batch,
               model_name=str(model), default_method=args.method)
+    if not args.no_warm_up:
+        app.warm_up(log=lambda m: print(m, file=sys.stderr))
     print(f"jaxdrag UI on http://{args.host}:{args.port} (results saved in {args.out})", file=sys.stderr)
     app.launch(host=args.host, port=args.port, quiet=args.quiet)
     return 0
@@ -55,6 +57,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-window", type=float, default=1.0,
                    help="seconds an idle queue waits for more edits to join a batch")
     p.add_argument("--max-batch", type=int, default=8, help="the most edits run together")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="do not compile the default method's programs in the background at start-up (then the "
+                        "first edit of each canvas size compiles them)")
     p.add_argument("--quiet", action="store_true")
     add_model_options(p)
     p.set_defaults(fn=cmd_ui)

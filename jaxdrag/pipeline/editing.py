@@ -55,6 +55,10 @@ def _canvases(pipe: Pipeline, prepared: list, settings: EditSettings) -> list:
     from .buckets import plan_buckets, round_up
 
     step = bucket_step(pipe)
+    if settings.buckets == "fixed":  # each size rounded up, nothing merged
+        return [group.Canvas((round_up(p.image.shape[0], step), round_up(p.image.shape[1], step)),
+                             (round_up(p.lora_image.shape[0], step), round_up(p.lora_image.shape[1], step)))
+                for p in prepared]
     plan = plan_buckets([p.image.shape[:2] for p in prepared], step=step, max_waste=settings.bucket_waste,
                         max_buckets=settings.max_buckets)
     lora: dict = {}
@@ -91,8 +95,8 @@ def _batch_plans(pipe: Pipeline, prepared: list, settings: EditSettings, cfg: Dr
         b = min(limit, pow2_bucket(len(idx)))
         b = -(-b // pipe.n_devices) * pipe.n_devices  # an equal share for every device
         canvas = canvases[idx[0]]
-        if canvas is not None and len({(prepared[i].image.shape[:2], prepared[i].lora_image.shape[:2])
-                                       for i in idx}) == 1:
+        if settings.buckets == "auto" and len({(prepared[i].image.shape[:2], prepared[i].lora_image.shape[:2])
+                                               for i in idx}) == 1:
             canvas = None  # one shape in the bucket: no padding needed, the per-shape programs bit for bit
         plans.append((idx, b, n_pairs, canvas))
     return plans

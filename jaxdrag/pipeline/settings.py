@@ -28,7 +28,10 @@ class EditSettings:
     buckets: "exact" — one group per working shape (each stage compiles per shape); "auto" —
     the run's shapes share a few masked canvases (``buckets.plan_buckets``: at most
     ``max_buckets``, merged while the padding waste stays ≤ ``bucket_waste``), edits of different
-    sizes batched together, each computed exactly on its own size.
+    sizes batched together, each computed exactly on its own size (a bucket that holds one shape
+    runs that shape's own programs); "fixed" — every edit on the canvas of its size rounded up to
+    the canvas step, whatever else runs (the UI's: the same programs serve every size that rounds
+    alike, so they can be compiled before the first edit).
     """
 
     method: str = "dragtext"
@@ -48,8 +51,8 @@ class EditSettings:
     def __post_init__(self):
         from ..errors import SettingsError, check_number
 
-        if self.buckets not in ("exact", "auto"):
-            raise SettingsError(f"setting buckets = {self.buckets!r}: must be 'exact' or 'auto'")
+        if self.buckets not in ("exact", "auto", "fixed"):
+            raise SettingsError(f"setting buckets = {self.buckets!r}: must be 'exact', 'auto' or 'fixed'")
         waste = check_number("bucket_waste", self.bucket_waste, low=0.0, high=1.0)
         if waste >= 1.0:
             raise SettingsError(f"setting bucket_waste = {self.bucket_waste!r}: must be < 1 (a share of the canvas)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -91,6 +92,56 @@ class App:
         self.model_name = model_name or str(getattr(pipe.sd, "source", "model"))
         self.default_method = default_method
         self.first = self.choices[0].load()
+
+    # ------------------------------------------------------------------ start-up compiles
+    def warm_shapes(self) -> list[tuple[int, int]]:
+        """The working shapes compiled at start-up: the first sample's and the canvases of the
+        common aspect ratios 4:3, 1:1 and 3:4 at the model's width (each a bucket canvas of
+        ``buckets="fixed"``, so every image whose size rounds into one finds its programs)."""
+        from ..data.geometry import working_size
+        from ..pipeline.buckets import round_up
+        from ..pipeline.editing import bucket_step
+
+        n, step = self.pipe.native_width, bucket_step(self.pipe)
+        first = working_size(*self.first.image.shape[:2], n)
+        shapes = [first] + [(round_up(n * r, step), n) for r in (0.75, 1.0, 4 / 3)]
+        canvases = [(round_up(h, step), round_up(w, step)) for h, w in shapes]
+        return list(dict.fromkeys(canvases))
+
+    def warm_requests(self, method: str) -> list[tuple]:
+        """(request, settings, overrides) per warm shape, built as a click on Run with the page's
+        default fields builds them: one drag, the method's defaults."""
+        values = {k: _shown(v) for k, v in ui_settings.defaults(method).items()}
+        out = []
+        for h, w in self.warm_shapes():
+            img = np.zeros((h, w, 3), np.uint8)
+            st = {**_session(), "image": img, "points": [[w // 4, h // 2], [w // 2, h // 2]]}
+            out.append(self.build_request(st, "warm-up", "", method, values, "", 0, False))
+        return out
+
+    def warm_up(self, compile_fn=None, log=print) -> threading.Thread:
+        """Compile (or load from the persistent cache) the programs of the default method's edits
+        of every ``warm_shapes`` canvas in a background thread, so a first click waits for no
+        compile; a failure is logged, never raised. ``compile_fn``: ``pipeline.compile_for`` (a
+        stand-in in tests). Returns the thread."""
+        from ..pipeline import compile_for
+
+        compile_fn = compile_fn or compile_for
+
+        def work():
+            t0 = time.perf_counter()
+            try:
+                for req, settings, overrides in self.warm_requests(self.default_method):
+                    compile_fn(self.pipe, [req], self.default_method, settings=settings, workers=1, progress=True,
+                               **overrides)
+                log(f"compiled the {self.default_method} programs of {len(self.warm_shapes())} canvas(es) "
+                    f"in {time.perf_counter() - t0:.0f} s")
+            except Exception as e:  # noqa: BLE001 - a warm-up that fails costs only the first edit's wait
+                log(f"start-up compile failed ({type(e).__name__}: {e}); edits compile when first run")
+
+        thread = threading.Thread(target=work, name="jaxdrag-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     # ------------------------------------------------------------------ handlers (pure-ish)
     def points_view(self, s: dict):
@@ -206,12 +257,12 @@ class App:
         if method not in METHODS:
             raise SettingsError(f"method {method!r}: choose one of {', '.join(METHODS)}")
         pipe_fields, overrides, hypers = ui_settings.split(method, values, extra)
-        # buckets: each image's working size rounded up to the canvas step (no merging, so the canvases
-        # are the same whoever is online): edits of sizes that round alike share a batch
+        # fixed buckets: each image's working size rounded up to the canvas step, whoever is online,
+        # so edits of sizes that round alike share a batch and the programs compiled at start-up serve them
         settings = EditSettings(method=method, inversion_strength=pipe_fields.get("inversion_strength"),
                                 lora=LoRASettings(steps=pipe_fields.get("lora_steps")),
                                 interpolation=ui_settings.INTERPOLATION if interpolate else (),
-                                buckets="auto", bucket_waste=0.0)
+                                buckets="fixed")
         try:
             seed_i = int(seed)
         except (TypeError, ValueError):

@@ -245,6 +245,12 @@ class FakePipe:
     def enable_lora_cache(self, enabled=True):
         self.lora_cache = {} if enabled else None
 
+    def vae_levels(self):  # SD's factor 8 and 3 UNet downsamplers: a 64-px canvas step
+        return 3
+
+    def unet_levels(self):
+        return 3
+
     def generate(self, prompts, *, seed=0, guidance_scale=7.5, hw=None):
         h, w = hw
         return np.full((len(prompts), h, w, 3), 40 + seed, np.uint8), None
@@ -344,7 +350,7 @@ def test_app_generate_then_edit_the_generation(app):
     req, settings, overrides = app.build_request(s, "a blue square", "", "dragtext", SETTINGS_TEXT, "", 0, False)
     assert req.image is None and req.generation == Generation(seed=3, guidance_scale=2.0)
     # the page's edits share canvases: sizes rounded up to the canvas step, no merging
-    assert settings.buckets == "auto" and settings.bucket_waste == 0.0
+    assert settings.buckets == "fixed"
     # a bad spec: a message, no image
     assert "guidance_scale must be a number ≥ 1" in app.generate("x", 0, 0.5, _session())[-1]
     assert "must be numbers" in app.generate("x", None, 7.5, _session())[-1]
@@ -373,3 +379,24 @@ def test_ui_command_rejects_bad_options(tmp_path, capsys):
         assert main(["ui", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+
+
+def test_warm_up_compiles_every_canvas_of_the_default_method_in_the_background(app):
+    """At start-up the page compiles, in a thread, the default method's programs for the first
+    sample's canvas and the common aspect ratios' — the requests a click on Run with the default
+    fields would make, in fixed buckets; a failure is one logged line."""
+    calls, logs = [], []
+
+    def fake_compile(pipe, reqs, method, *, settings, workers, progress, **overrides):
+        calls.append((reqs[0].image.shape[:2], method, settings.buckets, len(reqs[0].points), overrides))
+
+    assert app.warm_shapes() == [(128, 128), (192, 128)]  # toy model: 96 → 128, 128, 171 → 192 rows
+    app.warm_up(fake_compile, logs.append).join(10)
+    assert [c[0] for c in calls] == [(128, 128), (192, 128)]
+    assert all(c[1] == app.default_method and c[2] == "fixed" and c[3] == 2 for c in calls)
+    assert logs[-1].startswith(f"compiled the {app.default_method} programs of 2 canvas(es)")
+
+    def broken(*a, **k):
+        raise RuntimeError("no memory")
+    app.warm_up(broken, logs.append).join(10)
+    assert logs[-1] == "start-up compile failed (RuntimeError: no memory); edits compile when first run"

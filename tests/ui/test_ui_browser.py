@@ -2,8 +2,9 @@
 headless Chromium (Debian's chromium + chromium-driver, through selenium). Bad input shows a
 message in the page and the server keeps serving; an uploaded image with a mask from a file and
 clicked points is edited together with the demo edit of a second browser session, in one batch.
-Skips with the reason when no browser is installed (``.ci/run`` installs it). ≈ 2–3 min on 2 cores,
-nearly all of it compiling the batch's programs."""
+Skips with the reason when no browser is installed (``.ci/run`` installs it). ≈ 1–2 min on 2 cores,
+nearly all of it compiling the batch's programs (the server's start-up compiles are off here: the
+batch of two needs its own programs; ``test_ui.py`` checks what the warm-up compiles)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def server(tmp_path_factory):
     port = _free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jaxdrag.cli", "ui", "--port", str(port), "--out",
-                             str(root / "ui_out"), "--batch-window", "4", "--quiet"],
+                             str(root / "ui_out"), "--batch-window", "4", "--quiet", "--no-warm-up"],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}/"
 
