@@ -44,6 +44,15 @@ def run_mode(args, reqs, mode: str) -> tuple[dict, list]:
                             buckets=mode, bucket_waste=args.bucket_waste, max_buckets=args.max_buckets)
     over = {} if args.max_iters is None else {"max_iters": args.max_iters}
     t0 = time.perf_counter()
+    if args.compile_only:  # the programs only (SD-1.5's compile seconds per stage on a CPU)
+        from jaxdrag.pipeline import compile_for
+
+        rep = compile_for(pipe, reqs, args.method, settings=settings, workers=args.compile_workers, **over)
+        rep.update(buckets=mode, samples=len(reqs), compile_s_per_stage={k: round(v, 1) for k, v in
+                                                                         pipe.stages.compile_s.items()},
+                   programs_per_stage=dict(pipe.stages.compiles))
+        print(json.dumps(rep), flush=True)
+        return rep, []
     results = edit_batch(pipe, reqs, args.method, settings=settings, compile_workers=args.compile_workers, **over)
     wall = time.perf_counter() - t0
     shapes = [tuple(r.config["working_size"]) for r in results]
@@ -95,6 +104,7 @@ def main() -> int:
     ap.add_argument("--max-iters", type=int, default=None)
     ap.add_argument("--width", type=int, default=None, help="working width (default: the model's native size)")
     ap.add_argument("--cache", type=Path, default=None, help="persistent compilation cache folder (default: off)")
+    ap.add_argument("--compile-only", action="store_true", help="compile every program, run no edit")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.cache is not None:
@@ -128,7 +138,7 @@ def main() -> int:
         if args.out is not None:  # what is measured so far, after each mode
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rep, indent=1))
-    if len(modes) == 2:
+    if len(modes) == 2 and not args.compile_only:
         a, b = (rep["modes"][m] for m in modes)
         rep["comparison"] = {**compare(outs[modes[0]], outs[modes[1]]),
                              "programs_ratio": round(a["programs"] / max(1, b["programs"]), 2),
