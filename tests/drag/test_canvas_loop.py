@@ -60,12 +60,12 @@ def _pad(a, shape, fill):
     return out
 
 
-# ≈ 45–75 s each on 2 cores (three loop programs): the DragDiffusion loop with DragText and GoodDrag
-# in the suite, CLIPDrag, DragNoise and FreeDrag with -m slow
+# ≈ 45–85 s each on 2 cores (three loop programs): the DragDiffusion loop with DragText in the suite,
+# GoodDrag, CLIPDrag, DragNoise and FreeDrag with -m slow
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method", ["dragtext", "gooddrag", pytest.param("clipdrag", marks=SLOW),
+@pytest.mark.parametrize("method", ["dragtext", pytest.param("gooddrag", marks=SLOW), pytest.param("clipdrag", marks=SLOW),
                                     pytest.param("dragnoise", marks=SLOW), pytest.param("freedrag", marks=SLOW)])
 def test_drag_loop_on_a_canvas_equals_each_edit_alone(tiny_pipe, method):
     rs = np.random.RandomState(0)
