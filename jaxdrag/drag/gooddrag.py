@@ -135,13 +135,22 @@ def _drag_update(cfg: DragConfig, inp, pre, st: GoodDragState, jj, t, eps, f_lat
     lam = background_weight(cfg, hp.lam, inp.z0, inp.latent_size)
     ref = pre.ref[jj]
 
+    # Before the first update z is the original trajectory's latent and this forward its ε: the
+    # reference's two UNet calls on them are bit-identical, so |Φ − X^o_j| is exactly 0 and has no
+    # gradient. Here the trajectory comes from another program (another fusion, another rounding),
+    # and the L1's sign would turn that rounding noise into a full Adam step everywhere in the
+    # background: the reference values are this very forward's until the first update.
+    fresh = st.it == 0
+    z_ref = jnp.where(fresh, jax.lax.stop_gradient(st.z), pre.zs[jj])
+    eps_ref = jnp.where(fresh, jax.lax.stop_gradient(eps), pre.eps[jj])
+
     def local_loss(z, e, fl):
         ms = motion_supervision(upsample_features(fl, cfg.sup_hw, map_sizes(inp.sizes, fl.shape, inp.z0.shape)),
                                 handles, inp.targets, inp.mask, r=cfg.r_m, max_step=cfg.max_step, weight=weight,
                                 ref_patches=ref, ref_points=inp.handles0,
                                 hw=inp.sup_size)
         # Φ(z, ε) − X^o_j = Φ(z − z^o_j, ε − ε^o_j): exactly 0 before the first update
-        bg = background_loss(ddim_step(sched, z - pre.zs[jj], e - pre.eps[jj], t), inp.keep, lam)
+        bg = background_loss(ddim_step(sched, z - z_ref, e - eps_ref, t), inp.keep, lam)
         return ms + bg, ms
 
     (loss, ms), (gz, geps, gf) = jax.value_and_grad(local_loss, argnums=(0, 1, 2), has_aux=True)(
