@@ -41,18 +41,20 @@ def test_bucket_settings_are_checked():
         EditSettings(max_buckets=0)
 
 
-SLOW = pytest.mark.slow  # ≈ 2–3 min each on 2 cores (three sets of stage programs): -m slow
+# ≈ 2–4 min each on 2 cores (three sets of stage programs): -m slow (the suite keeps the network,
+# geometry and drag-loop canvas checks, tests/models/test_canvas.py and tests/drag/test_canvas_*.py)
+SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method", ["dragtext", pytest.param("gooddrag", marks=SLOW),
+@pytest.mark.parametrize("method", [pytest.param("dragtext", marks=SLOW), pytest.param("gooddrag", marks=SLOW),
                                     pytest.param("dragnoise", marks=SLOW), pytest.param("freedrag", marks=SLOW),
                                     pytest.param("clipdrag", marks=SLOW)])
 def test_two_shapes_in_one_canvas_batch_equal_their_per_shape_edits(tiny_pipe, method):
     """test_pipeline's 96×128 masked edit and its odd 77×100 input (working 98×128): with buckets
     they share one 128×128 canvas batch; each edit's iterations, handles and trajectory equal its
-    per-shape run's and its image is within 1 grey level (DragText in the suite: the DragDiffusion
-    host with the text embedding; GoodDrag's own denoise start, DragNoise's bottleneck, FreeDrag's
-    line search and CLIPDrag's decoded CLIP input with -m slow)."""
+    per-shape run's and its image is within 1 grey level (DragText: the DragDiffusion host with the
+    text embedding; GoodDrag's own denoise start, DragNoise's bottleneck, FreeDrag's line search and
+    CLIPDrag's decoded CLIP input)."""
     img = synthetic_image(96, 128)
     mask = np.zeros(img.shape[:2], np.uint8)
     mask[10:80, 20:110] = 1
