@@ -123,6 +123,14 @@ def unet_canvas(latent_hw, canvas_hw, levels: int = 3) -> Canvas:
     return Canvas(_masks(sizes, shapes), ups)
 
 
+def edit_canvas(size, rows: int, canvas_hw, levels: int = 3) -> Canvas | None:
+    """The UNet canvas of ``rows`` batch rows that all hold one edit whose latent is ``size``
+    ((2,) or longer: the first two entries are (h, w)); None without a size (no canvas)."""
+    if size is None:
+        return None
+    return unet_canvas(jnp.broadcast_to(size[:2], (rows, 2)), canvas_hw, levels)
+
+
 def encoder_canvas(image_hw, canvas_hw, levels: int = 3) -> Canvas:
     """The canvas of the VAE encoder: image sizes (B, 2) in pixels in an image canvas whose sides
     are multiples of 2^levels; each (0, 1)-padded stride-2 downsampler maps h to ⌊h/2⌋."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 
 from ..drag import DragConfig, DragNetworks, make_runner
-from ..models.canvas import decoder_canvas, unet_canvas
+from ..models.canvas import decoder_canvas, edit_canvas
 
 if TYPE_CHECKING:
     from .networks import Pipeline
@@ -52,9 +52,7 @@ def drag_networks(pipe: "Pipeline", clip_double_unit_map: bool = False, remat: s
 
             def canvas(sizes, x):
                 """The UNet canvas of the rows x of one edit of ``sizes`` (None: no canvas)."""
-                if sizes is None:
-                    return None
-                return unet_canvas(jnp.broadcast_to(sizes[:2], (x.shape[0], 2)), x.shape[1:3], pipe.unet_levels())
+                return edit_canvas(sizes, x.shape[0], x.shape[1:3], pipe.unet_levels())
 
             def features(shared, edit, z, c, t, sizes=None):
                 x, ctx = rows(shared, z, c)

@@ -13,19 +13,11 @@ import numpy as np
 
 from ..models.lora import zeros_lora
 from ..schedule import ddim_step, inversion_step
-from ..models.canvas import decoder_canvas, unet_canvas
+from ..models.canvas import decoder_canvas, edit_canvas
 from .pixels import Array, bilinear_resize, bilinear_resize_each, to_uint8
 
 if TYPE_CHECKING:
     from .networks import Pipeline
-
-
-def _canvas(pipe: "Pipeline", size, rows: int, hw):
-    """The UNet canvas of ``rows`` rows of one edit whose latent is ``size`` (2,) inside ``hw``
-    (None: no canvas)."""
-    if size is None:
-        return None
-    return unet_canvas(jnp.broadcast_to(size, (rows, 2)), hw, pipe.unet_levels())
 
 
 def invert(pipe: "Pipeline", loras, z0: Array, ctx: Array, strength: float, sizes: Array | None = None) -> Array:
@@ -35,7 +27,7 @@ def invert(pipe: "Pipeline", loras, z0: Array, ctx: Array, strength: float, size
     masked = sizes is not None
 
     def one(params, lora, z, c, size):
-        canvas = _canvas(pipe, size if masked else None, 1, z.shape[:2])
+        canvas = edit_canvas(size if masked else None, 1, z.shape[:2], pipe.unet_levels())
 
         def body(z, t):
             eps = pipe.unet_apply(params, lora, z[None], t, c[None], canvas=canvas)[0][0]
@@ -78,7 +70,7 @@ def denoise(pipe: "Pipeline", loras, z_src: Array, z_edit: Array, c_src: Array, 
 
     def one(params, lora, zs, ze, cs, ce, s0, h, cu, g, size):
         ctx = jnp.stack([cs, ce])
-        canvas = _canvas(pipe, size if masked else None, 2, zs.shape[:2])
+        canvas = edit_canvas(size if masked else None, 2, zs.shape[:2], pipe.unet_levels())
 
         def body(z, k):
             t = ts[k]
