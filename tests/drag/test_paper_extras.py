@@ -190,13 +190,18 @@ def test_drag_on_generated_image(tiny_pipe):
     assert noop.config["lora"] is None and noop.config["generation"]["guidance_scale"] == 3.0
     assert "lora" not in drag.timings and "invert" not in drag.timings
     assert np.abs(drag.image.astype(int) - noop.image).mean() > 0.05
-    # guidance 1: the plain (unguided) networks; DragNoise needs it
+    with pytest.raises(SettingsError, match="guidance_scale ≠ 1 are not available for DragNoise"):
+        jaxdrag.edit(tiny_pipe, None, PTS, "a cat", method="dragnoise", generation=gen, max_iters=2)
+
+
+@pytest.mark.slow  # compiles the unguided generation and a DragNoise edit; ≈ 45 s on 2 cores (run with -m slow)
+def test_dragnoise_on_an_unguided_generation(tiny_pipe):
+    """Guidance 1: the plain (unguided) networks, which DragNoise needs; a drag that moves nothing
+    gives the generated image back."""
     g1 = Generation(seed=5, guidance_scale=1.0, height=64, width=64)
     im1, _ = tiny_pipe.generate(["a cat"], seed=[5], guidance_scale=1.0, hw=(64, 64))
     r = jaxdrag.edit(tiny_pipe, None, [(20, 20), (20, 20)], "a cat", method="dragnoise", generation=g1, max_iters=2)
     assert np.abs(r.image.astype(int) - np.asarray(im1[0])).max() <= 1
-    with pytest.raises(SettingsError, match="guidance_scale ≠ 1 are not available for DragNoise"):
-        jaxdrag.edit(tiny_pipe, None, PTS, "a cat", method="dragnoise", generation=gen, max_iters=2)
 
 
 @pytest.mark.parametrize("gen, prompt, msg", [
