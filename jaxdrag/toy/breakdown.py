@@ -10,7 +10,13 @@ displacement and counts in ``lost``. With the run's folders next to the JSON, al
 handles: where point tracking believes the content went) and the iterations per supervision pixel
 the tracked handles moved (how fast the latent optimisation carries the content).
 
-    python -m jaxdrag.toy.breakdown runs/toybench/toybench.json [--out DIR]
+The same run measured as DragBench measures (``md_ratio``): the *mean* distance between where each
+surviving object went and where it was asked to go, over the mean distance an edit that moves
+nothing scores (the mean drag) — the published DragBench mean distance (MD) of each reference method
+divided by DragBench's own no-move MD is the same ratio on real images with the real SD-1.5
+(``PUBLISHED_MD``; ``--dragbench DIR`` computes DragBench's no-move MD from the dataset).
+
+    python -m jaxdrag.toy.breakdown runs/toybench/toybench.json [--out DIR] [--dragbench DIR]
 
 writes ``breakdown.json`` / ``breakdown.md`` and ``breakdown.png`` (error against drag length,
 reached against capped) into DIR (default: next to the input).
@@ -25,6 +31,14 @@ from pathlib import Path
 import numpy as np
 
 LENGTH_BINS = ((0.0, 12.0), (12.0, 16.0), (16.0, 20.0), (20.0, 1e9))  # px
+
+# DragBench mean distance (px, 512-px images, DIFT matching) of each method, without and with
+# DragText (jaxdrag's "dragtext" is DragDiffusion with DragText): DragText paper (Choi et al. 2024),
+# Table 1, every method at its reference's defaults; CLIPDrag: its paper's App. E, Table 1, pure drag
+# editing at 80 iterations (where its own DragDiffusion run scores 38.8, not 33.21).
+PUBLISHED_MD = {"dragdiffusion": 33.21, "dragtext": 29.78, "freedrag": 34.44,
+                "freedrag+dragtext": 31.59, "dragnoise": 35.55, "dragnoise+dragtext": 34.23,
+                "gooddrag": 24.29, "gooddrag+dragtext": 20.53, "clipdrag": 35.8}
 
 
 def tracking(report: dict) -> tuple[float, float]:
@@ -72,6 +86,49 @@ def _summary(rows: list[dict]) -> dict:
                                         else None),
             "within_25": float(np.mean(err <= 0.25)), "lost": int(np.sum(~np.isfinite(frac))),
             "mean_iterations": float(np.mean([r["iterations"] for r in rows]))}
+
+
+def md_ratio(per_task: dict) -> dict:
+    """DragBench's statistic on one method's ToyBench tasks: {"md_px": mean |displacement − drag|
+    over the surviving objects (px), "no_move_px": their mean drag (what an edit that moves nothing
+    scores), "ratio": md_px / no_move_px, "lost": the share of objects left out (not survived)}."""
+    rows = objects(per_task)
+    kept = [r for r in rows if np.isfinite(r["fraction"])]
+    if not kept:
+        return {"md_px": None, "no_move_px": None, "ratio": None, "lost": 1.0 if rows else 0.0}
+    md = float(np.mean([r["rel_error"] * r["length"] for r in kept]))
+    no_move = float(np.mean([r["length"] for r in kept]))
+    return {"md_px": md, "no_move_px": no_move, "ratio": md / no_move, "lost": 1 - len(kept) / len(rows)}
+
+
+def dragbench_no_move_md(root: Path) -> float:
+    """DragBench's mean distance of an edit that moves nothing: the mean handle–target distance
+    over every pair of every sample under ``root`` (px of the source images, as MD is measured)."""
+    from ..data import find_samples
+
+    dists = []
+    for sample in find_samples(root):
+        p = np.asarray(sample.load().points, float).reshape(-1, 2)
+        dists += list(np.linalg.norm(p[1::2] - p[0::2], axis=1))
+    if not dists:
+        raise ValueError(f"{root}: no DragBench samples found")
+    return float(np.mean(dists))
+
+
+def md_markdown(ratios: dict, dragbench_no_move: float | None) -> str:
+    """The table of ``md_ratio`` per method beside the published DragBench ratio (MD / no-move MD)."""
+    lines = ["| method | ToyBench mean distance (px) | ToyBench no-move (px) | ToyBench ratio | objects lost | "
+             "DragBench MD (published, px) | DragBench ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for m, r in ratios.items():
+        pub = PUBLISHED_MD.get(m)
+        db = "—" if pub is None or dragbench_no_move is None else f"{100 * pub / dragbench_no_move:.1f} %"
+        if r["ratio"] is None:
+            toy = "| — | — | — |"
+        else:
+            toy = f"| {r['md_px']:.2f} | {r['no_move_px']:.2f} | {100 * r['ratio']:.1f} % |"
+        lines.append(f"| {m} {toy} {100 * r['lost']:.0f} % | {'—' if pub is None else pub} | {db} |")
+    return "\n".join(lines) + "\n"
 
 
 def breakdown(per_task: dict, run_dir: Path | None = None) -> dict:
@@ -142,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("toybench_json", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--methods", default=None, help="comma-separated (default: every method of the run)")
+    ap.add_argument("--dragbench", type=Path, default=None,
+                    help="DragBench folder: compute its no-move mean distance for the published ratios")
     args = ap.parse_args(argv)
     run = json.loads(args.toybench_json.read_text())
     per_method = run["per_task"]
@@ -151,10 +210,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     root = args.toybench_json.parent
     result = {m: breakdown(p, root / m if (root / m).is_dir() else None) for m, p in per_method.items()}
-    (out / "breakdown.json").write_text(json.dumps(result, indent=1))
-    (out / "breakdown.md").write_text(markdown(result))
+    ratios = {m: md_ratio(p) for m, p in per_method.items()}
+    no_move = None if args.dragbench is None else dragbench_no_move_md(args.dragbench)
+    (out / "breakdown.json").write_text(json.dumps(
+        {**result, "md_ratio": ratios, "dragbench_no_move_md": no_move}, indent=1))
+    text = markdown(result) + "\n" + md_markdown(ratios, no_move)
+    (out / "breakdown.md").write_text(text)
     plot(per_method, out / "breakdown.png")
-    print(markdown(result))
+    print(text)
     return 0
 
 

@@ -53,3 +53,14 @@ def test_command_writes_table_and_plot(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "o" / "breakdown.png").size[0] > 300
+
+
+def test_md_ratio_is_dragbench_statistic(tmp_path):
+    """a: |(8, 1) − (10, 0)| = √5 for a 10-px drag; b: 15 px of 20; c lost (left out, counted)."""
+    per_task = _run(tmp_path)
+    r = breakdown.md_ratio(per_task)
+    assert abs(r["md_px"] - (np.sqrt(5) + 15) / 2) < 1e-9 and r["no_move_px"] == 15.0
+    assert abs(r["ratio"] - (np.sqrt(5) + 15) / 30) < 1e-9 and abs(r["lost"] - 1 / 3) < 1e-12
+    md = breakdown.md_markdown({"dragdiffusion": r}, dragbench_no_move=52.27)
+    # the published DragBench MD of DragDiffusion (33.21 px) over DragBench's no-move 52.27 px
+    assert f"| dragdiffusion | {r['md_px']:.2f} | 15.00 | 57.5 % | 33 % | 33.21 | 63.5 % |" in md
