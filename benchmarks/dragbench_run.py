@@ -81,9 +81,19 @@ def compare(a: list, b: list) -> dict:
 
     same_it = sum(x.iterations == y.iterations for x, y in zip(a, b))
     same_h = sum(bool(np.array_equal(x.handles, y.handles)) for x, y in zip(a, b))
-    diff = max(int(np.abs(x.image.astype(int) - y.image.astype(int)).max()) for x, y in zip(a, b)
-               if x.image is not None and y.image is not None)
-    return {"edits": len(a), "iterations_equal": same_it, "handles_equal": same_h, "max_grey_level_diff": diff}
+    diffs, worst = [], []
+    for x, y in zip(a, b):
+        if x.image is None or y.image is None:
+            continue
+        d = np.abs(x.image.astype(int) - y.image.astype(int)).max(-1)
+        diffs.append(int(d.max()))
+        if d.max() > 1:  # where an edit differs: which rows and columns, how many pixels
+            rows, cols = np.nonzero(d > 1)
+            worst.append({"name": x.name, "working_size": x.config["working_size"], "canvas": y.config["canvas"],
+                          "image": list(d.shape), "max": int(d.max()), "pixels_over_1": int(len(rows)),
+                          "rows": [int(rows.min()), int(rows.max())], "cols": [int(cols.min()), int(cols.max())]})
+    return {"edits": len(a), "iterations_equal": same_it, "handles_equal": same_h,
+            "max_grey_level_diff": max(diffs), "edits_within_1": sum(v <= 1 for v in diffs), "differing": worst}
 
 
 def main() -> int:
@@ -95,6 +105,10 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--distinct", type=int, default=None,
                     help="the first sample of each of the first N distinct working shapes (instead of --limit)")
+    ap.add_argument("--shapes", default=None,
+                    help="only samples of these working shapes, e.g. 85x128,128x128 (H x W)")
+    ap.add_argument("--skip-distinct", type=int, default=0,
+                    help="with --distinct: leave out the first N distinct working shapes")
     ap.add_argument("--buckets", default="exact", help="modes to run side by side: exact, auto or exact,auto")
     ap.add_argument("--bucket-waste", type=float, default=0.25)
     ap.add_argument("--max-buckets", type=int, default=8)
@@ -119,12 +133,16 @@ def main() -> int:
     for s in samples:
         r = s.load()
         r.seed = 0
+        native = common.CONFIGS[args.model][1].sample_size
+        shape = working_size(*r.image.shape[:2], args.width or native)
+        if args.shapes is not None and "x".join(map(str, shape)) not in args.shapes.split(","):
+            continue
         if args.distinct is not None:
-            native = common.CONFIGS[args.model][1].sample_size
-            shape = working_size(*r.image.shape[:2], args.width or native)
             if shape in seen:
                 continue
             seen.add(shape)
+            if len(seen) <= args.skip_distinct:
+                continue
         reqs.append(r)
         if len(reqs) == (args.distinct or args.limit or len(samples) + 1):
             break

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..models.canvas import nearest_indices  # PyTorch's nearest rule, stated once
 from .requests import EditRequest, validate
 
 
@@ -22,12 +23,6 @@ def working_size(h: int, w: int, width: int | None) -> tuple[int, int]:
     if width is None or width == w:
         return h, w
     return max(16, int(width * h / w)), int(width)
-
-
-def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    """PyTorch ``F.interpolate(mode="nearest")`` source indices: ⌊i·n_in/n_out⌋ (float32)."""
-    scale = np.float32(n_in) / np.float32(n_out)
-    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
 
 
 def resize_nearest(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

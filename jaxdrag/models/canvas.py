@@ -98,6 +98,15 @@ def _check(hw: Array, canvas_hw, levels: int, what: str) -> Array:
     return hw
 
 
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """PyTorch ``F.interpolate(mode="nearest")`` source indices for static sizes: (n_out,) int64
+    min(⌊i·(n_in/n_out)⌋, n_in − 1), the scale computed in float32 as PyTorch does. The one
+    statement of the rule for fixed shapes (``layers.nearest_resize``, ``data.geometry``);
+    ``nearest_sources`` is the same rule for per-edit (traced) sizes."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+
+
 def nearest_sources(n_in: Array, n_out: Array, length: int) -> Array:
     """PyTorch's nearest source indices min(⌊i·(n_in/n_out)⌋, n_in − 1) in float32, for i < length
     and per-edit sizes n_in, n_out (B,) → (B, length) int32 (i ≥ n_out: clamped, unused)."""

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from ..precision import platform
+from .canvas import nearest_indices
 
 Array = jax.Array
 
@@ -251,19 +252,14 @@ def gelu_exact(x: Array) -> Array:
 def nearest_resize(x: Array, out_hw: tuple[int, int]) -> Array:
     """PyTorch ``F.interpolate(mode="nearest", size=out_hw)`` for NHWC input.
 
-    Source index = min(floor(dst · in/out), in − 1) computed in float32 as PyTorch does; for an
-    exact ×2 this is ``dst // 2``. Used by the UNet upsamplers, which diffusers drives with the skip
-    connection's size when the latent is not a multiple of 2^(number of upsamplers).
+    Source index = min(floor(dst · in/out), in − 1) computed in float32 as PyTorch does
+    (``canvas.nearest_indices``); for an exact ×2 this is ``dst // 2``. Used by the UNet upsamplers,
+    which diffusers drives with the skip connection's size when the latent is not a multiple of
+    2^(number of upsamplers).
     """
-    idx = []
-    for ax, out in zip((1, 2), out_hw):
-        n_in = x.shape[ax]
-        scale = np.float32(n_in) / np.float32(out)
-        src = np.floor(np.arange(out, dtype=np.float32) * scale).astype(np.int64)
-        idx.append(np.minimum(src, n_in - 1))
     if out_hw == (2 * x.shape[1], 2 * x.shape[2]):
         return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return x[:, idx[0]][:, :, idx[1]]
+    return x[:, nearest_indices(x.shape[1], out_hw[0])][:, :, nearest_indices(x.shape[2], out_hw[1])]
 
 
 def timestep_embedding(t: Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,

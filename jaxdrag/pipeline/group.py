@@ -33,12 +33,16 @@ def _pad_points(arrs: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]
     return out, mask
 
 
-def _lora_key(p, lora: LoRASettings) -> tuple:
-    """What determines an edit's LoRA: its training image, prompt, seed and the LoRA settings."""
+def _digest(a: np.ndarray) -> str:
+    """A cache key's name for an image array's bytes."""
     import hashlib
 
-    digest = hashlib.sha1(np.ascontiguousarray(p.lora_image).tobytes()).hexdigest()
-    return (digest, p.lora_image.shape, p.request.prompt, int(p.request.seed), lora)
+    return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _lora_key(p, lora: LoRASettings) -> tuple:
+    """What determines an edit's LoRA: its training image, prompt, seed and the LoRA settings."""
+    return (_digest(p.lora_image), p.lora_image.shape, p.request.prompt, int(p.request.seed), lora)
 
 
 def dummy_edit(p):
@@ -183,10 +187,8 @@ def _inverted(pipe: Pipeline, group: list, settings: EditSettings, loras, c0, n_
     — or, with the pipeline's cache on, taken from it when every edit's inversion is there (a
     sweep's grid points of one sample in later batches and program groups: an inversion depends on
     the image, its LoRA, the prompt and the strength, not on the drag settings)."""
-    import hashlib
-
     cache = pipe.lora_cache
-    keys = [("inversion", _lora_key(p, settings.lora), hashlib.sha1(np.ascontiguousarray(p.image).tobytes()).hexdigest(),
+    keys = [("inversion", _lora_key(p, settings.lora), _digest(p.image),
              float(settings.inversion_strength), cv is not None) for p in group]
 
     def cached():  # the cache holds each edit's own (h, w, 4) latent

@@ -27,26 +27,28 @@ def tree_bytes(tree) -> int:
     return int(sum(np.prod(np.shape(x)) * jnp.result_type(x).itemsize for x in jax.tree.leaves(tree)))
 
 
+def _pool_weights(xp, n_in, n_out: int, length_in: int):
+    """PyTorch's ``AdaptiveAvgPool`` rule in array module ``xp`` (numpy or jax.numpy): for input
+    sizes ``n_in`` (B,) int, (B, n_out, length_in) float32 whose row i averages the inputs
+    [⌊i·n_in/n_out⌋, ⌈(i+1)·n_in/n_out⌉), zero beyond each n_in."""
+    n_in = xp.asarray(n_in, xp.int32)[:, None, None]
+    i = xp.arange(n_out, dtype=xp.int32)[None, :, None]
+    j = xp.arange(length_in, dtype=xp.int32)[None, None, :]
+    a = (i * n_in) // n_out
+    b = -((-(i + 1) * n_in) // n_out)
+    return xp.where((j >= a) & (j < b), xp.float32(1.0) / (b - a).astype(xp.float32), xp.float32(0.0))
+
+
 def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) averaging matrix of PyTorch's ``AdaptiveAvgPool`` along one axis:
-    row i averages inputs [⌊i·n_in/n_out⌋, ⌈(i+1)·n_in/n_out⌉)."""
-    m = np.zeros((n_out, n_in), np.float32)
-    for i in range(n_out):
-        a = (i * n_in) // n_out
-        b = -((-(i + 1) * n_in) // n_out)
-        m[i, a:b] = 1.0 / (b - a)
-    return m
+    """(n_out, n_in) float32 averaging matrix of PyTorch's ``AdaptiveAvgPool`` along one axis
+    (static sizes)."""
+    return _pool_weights(np, [n_in], n_out, n_in)[0].astype(np.float32)
 
 
 def pool_matrices(n_in: Array, n_out: int, length_in: int) -> Array:
     """``pool_matrix`` for per-edit input sizes ``n_in`` (B,) (traced: a masked canvas) inside
     ``length_in`` samples: (B, n_out, length_in), zero beyond each edit's n_in."""
-    n_in = jnp.asarray(n_in, jnp.int32)[:, None, None]
-    i = jnp.arange(n_out, dtype=jnp.int32)[None, :, None]
-    j = jnp.arange(length_in, dtype=jnp.int32)[None, None, :]
-    a = (i * n_in) // n_out
-    b = -((-(i + 1) * n_in) // n_out)
-    return jnp.where((j >= a) & (j < b), 1.0 / (b - a).astype(jnp.float32), 0.0)
+    return _pool_weights(jnp, n_in, n_out, length_in)
 
 
 def adaptive_avg_pool(images: Array, size: int, valid_hw: Array | None = None) -> Array:
