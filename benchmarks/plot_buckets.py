@@ -38,7 +38,8 @@ def main(src: str, dst: str) -> None:
     fig.suptitle(f"{modes[names[0]]['samples']} DragBench samples of {modes[names[0]]['working_shapes']} sizes, "
                  f"tiny model, 2-core CPU — {c.get('programs_ratio')}× fewer programs, {c.get('wall_ratio')}× "
                  f"faster; results: iterations equal {c.get('iterations_equal')}/{c.get('edits')}, "
-                 f"images within {c.get('max_grey_level_diff')} grey level", fontsize=9)
+                 f"largest image difference {c.get('max_grey_level_diff')} grey levels"
+                 + ("" if c.get("edits_within_1") is None else f" ({c['edits_within_1']}/{c['edits']} within 1)"), fontsize=9)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 
