@@ -11,7 +11,7 @@ handles: where point tracking believes the content went) and the iterations per 
 the tracked handles moved (how fast the latent optimisation carries the content).
 
 The same run measured as DragBench measures (``md_ratio``): the *mean* distance between where each
-surviving object went and where it was asked to go, over the mean distance an edit that moves
+object found in the output went and where it was asked to go, over the mean distance an edit that moves
 nothing scores (the mean drag) — the published DragBench mean distance (MD) of each reference method
 divided by DragBench's own no-move MD is the same ratio on real images with the real SD-1.5
 (``PUBLISHED_MD``; ``--dragbench DIR`` computes DragBench's no-move MD from the dataset).
@@ -90,8 +90,9 @@ def _summary(rows: list[dict]) -> dict:
 
 def md_ratio(per_task: dict) -> dict:
     """DragBench's statistic on one method's ToyBench tasks: {"md_px": mean |displacement − drag|
-    over the surviving objects (px), "no_move_px": their mean drag (what an edit that moves nothing
-    scores), "ratio": md_px / no_move_px, "lost": the share of objects left out (not survived)}."""
+    over the objects found in the output (px), "no_move_px": their mean drag (what an edit that moves
+    nothing scores), "ratio": md_px / no_move_px, "lost": the share of objects left out (not found,
+    so no displacement)}."""
     rows = objects(per_task)
     kept = [r for r in rows if np.isfinite(r["fraction"])]
     if not kept:
