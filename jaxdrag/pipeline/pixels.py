@@ -42,7 +42,7 @@ def _pool_weights(xp, n_in, n_out: int, length_in: int):
 def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float32 averaging matrix of PyTorch's ``AdaptiveAvgPool`` along one axis
     (static sizes)."""
-    return _pool_weights(np, [n_in], n_out, n_in)[0].astype(np.float32)
+    return _pool_weights(np, [n_in], n_out, n_in)[0]
 
 
 def pool_matrices(n_in: Array, n_out: int, length_in: int) -> Array:
