@@ -16,7 +16,11 @@ nothing scores (the mean drag) — the published DragBench mean distance (MD) of
 divided by DragBench's own no-move MD is the same ratio on real images with the real SD-1.5
 (``PUBLISHED_MD``; ``--dragbench DIR`` computes DragBench's no-move MD from the dataset).
 
-    python -m jaxdrag.toy.breakdown runs/toybench/toybench.json [--out DIR] [--dragbench DIR]
+Two methods of the same run compared task by task (``paired``, ``--paired A,B``): the difference of
+their median relative errors with a bootstrap interval over tasks, the tasks each does better on
+(with the sign test's p), and the difference of their survival rates with its interval.
+
+    python -m jaxdrag.toy.breakdown runs/toybench/toybench.json [--out DIR] [--dragbench DIR] [--paired A,B]
 
 writes ``breakdown.json`` / ``breakdown.md`` and ``breakdown.png`` (error against drag length,
 reached against capped) into DIR (default: next to the input).
@@ -25,6 +29,7 @@ reached against capped) into DIR (default: next to the input).
 from __future__ import annotations
 
 import argparse
+import math
 import json
 from pathlib import Path
 
@@ -132,6 +137,55 @@ def md_markdown(ratios: dict, dragbench_no_move: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sign_test_p(k: int, n: int) -> float:
+    """Two-sided exact binomial p of ``k`` successes in ``n`` fair trials (1.0 when n = 0)."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(per_task_a: dict, per_task_b: dict, n_boot: int = 10000, seed: int = 0) -> dict:
+    """B against A on the tasks both ran: {"tasks", "median_a", "median_b", "median_diff" (B − A,
+    fractions of the drag), "median_diff_ci" (95 % bootstrap over tasks), "b_better", "b_worse"
+    (tasks with a lower / higher relative error), "sign_p", "survival_a", "survival_b",
+    "survival_diff" (B − A), "survival_diff_ci", "a_only", "b_only" (tasks only one survived)}.
+    A vanished object's infinite error counts as the largest (the medians stay defined)."""
+    names = sorted(set(per_task_a) & set(per_task_b))
+    ra = np.array([per_task_a[k]["rel_error"] for k in names], float)
+    rb = np.array([per_task_b[k]["rel_error"] for k in names], float)
+    sa = np.array([bool(per_task_a[k]["survived"]) for k in names])
+    sb = np.array([bool(per_task_b[k]["survived"]) for k in names])
+    both = np.isfinite(ra) & np.isfinite(rb)
+    d = (rb - ra)[both]
+    # a vanished object's error ranks above every measured one (keeps the differences finite)
+    ra, rb = np.where(np.isfinite(ra), ra, 1e9), np.where(np.isfinite(rb), rb, 1e9)
+    better, worse = int(np.sum(d < 0)), int(np.sum(d > 0))
+    idx = np.random.default_rng(seed).integers(0, len(names), (n_boot, len(names)))
+    med = np.median(rb[idx], axis=1) - np.median(ra[idx], axis=1)
+    surv = sb[idx].mean(axis=1) - sa[idx].mean(axis=1)
+    return {"tasks": len(names), "median_a": float(np.median(ra)), "median_b": float(np.median(rb)),
+            "median_diff": float(np.median(rb) - np.median(ra)),
+            "median_diff_ci": [float(np.percentile(med, 2.5)), float(np.percentile(med, 97.5))],
+            "b_better": better, "b_worse": worse, "sign_p": _sign_test_p(better, better + worse),
+            "survival_a": float(sa.mean()), "survival_b": float(sb.mean()),
+            "survival_diff": float(sb.mean() - sa.mean()),
+            "survival_diff_ci": [float(np.percentile(surv, 2.5)), float(np.percentile(surv, 97.5))],
+            "a_only": int(np.sum(sa & ~sb)), "b_only": int(np.sum(sb & ~sa))}
+
+
+def paired_markdown(a: str, b: str, r: dict) -> str:
+    """One paragraph stating ``paired``'s result of B against A."""
+    lo, hi = r["median_diff_ci"]
+    slo, shi = r["survival_diff_ci"]
+    return (f"{b} against {a}, {r['tasks']} tasks: median error {100 * r['median_b']:.1f} % against "
+            f"{100 * r['median_a']:.1f} % of the drag, difference {100 * r['median_diff']:+.1f} points "
+            f"(95 % bootstrap {100 * lo:+.1f} .. {100 * hi:+.1f}); {b} better on {r['b_better']} tasks, worse on "
+            f"{r['b_worse']} (sign test p = {r['sign_p']:.3f}); survival {100 * r['survival_b']:.0f} % against "
+            f"{100 * r['survival_a']:.0f} % ({100 * r['survival_diff']:+.0f} points, 95 % bootstrap "
+            f"{100 * slo:+.0f} .. {100 * shi:+.0f}; only {a} on {r['a_only']} tasks, only {b} on {r['b_only']}).\n")
+
+
 def breakdown(per_task: dict, run_dir: Path | None = None) -> dict:
     """{"all", "reached", "capped", "by_length": {"lo–hi px": …}, "by_kind": {…}} of one method."""
     rows = objects(per_task, run_dir)
@@ -202,9 +256,18 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated (default: every method of the run)")
     ap.add_argument("--dragbench", type=Path, default=None,
                     help="DragBench folder: compute its no-move mean distance for the published ratios")
+    ap.add_argument("--paired", default=None, metavar="A,B",
+                    help="compare method B with method A task by task (e.g. dragdiffusion,dragtext)")
     args = ap.parse_args(argv)
     run = json.loads(args.toybench_json.read_text())
     per_method = run["per_task"]
+    pair = None
+    if args.paired:
+        pair = args.paired.split(",")
+        missing = [m for m in pair if m not in run["per_task"]]
+        if len(pair) != 2 or missing:
+            raise SystemExit(f"--paired {args.paired}: give two methods of the run "
+                             f"({', '.join(sorted(run['per_task']))})")
     if args.methods:
         per_method = {m: per_method[m] for m in args.methods.split(",")}
     out = args.out or args.toybench_json.parent
@@ -213,9 +276,14 @@ def main(argv=None) -> int:
     result = {m: breakdown(p, root / m if (root / m).is_dir() else None) for m, p in per_method.items()}
     ratios = {m: md_ratio(p) for m, p in per_method.items()}
     no_move = None if args.dragbench is None else dragbench_no_move_md(args.dragbench)
-    (out / "breakdown.json").write_text(json.dumps(
-        {**result, "md_ratio": ratios, "dragbench_no_move_md": no_move}, indent=1))
+    extra = {}
     text = markdown(result) + "\n" + md_markdown(ratios, no_move)
+    if pair:
+        pr = paired(run["per_task"][pair[0]], run["per_task"][pair[1]])
+        extra["paired"] = {"a": pair[0], "b": pair[1], **pr}
+        text += "\n" + paired_markdown(pair[0], pair[1], pr)
+    (out / "breakdown.json").write_text(json.dumps(
+        {**result, "md_ratio": ratios, "dragbench_no_move_md": no_move, **extra}, indent=1))
     (out / "breakdown.md").write_text(text)
     plot(per_method, out / "breakdown.png")
     print(text)

@@ -64,3 +64,34 @@ def test_md_ratio_is_dragbench_statistic(tmp_path):
     md = breakdown.md_markdown({"dragdiffusion": r}, dragbench_no_move=52.27)
     # the published DragBench MD of DragDiffusion (33.21 px) over DragBench's no-move 52.27 px
     assert f"| dragdiffusion | {r['md_px']:.2f} | 15.00 | 57.5 % | 33 % | 33.21 | 63.5 % |" in md
+
+
+def test_paired_comparison_on_hand_made_tasks(tmp_path):
+    """B beats A on 1 task of 4 and loses on 2 (one tie); the medians, counts, the exact sign-test p
+    (two-sided, 1 of 3: p = 2 · 4/8 → 1.0) and the survival split are the hand-computed ones; a
+    vanished object (infinite error) is left out of the task counts, not of the medians."""
+    a = {"t0": {"rel_error": 0.2, "survived": True}, "t1": {"rel_error": 0.4, "survived": True},
+         "t2": {"rel_error": 0.6, "survived": True}, "t3": {"rel_error": 0.5, "survived": False},
+         "t4": {"rel_error": float("inf"), "survived": False}}
+    b = {"t0": {"rel_error": 0.1, "survived": True}, "t1": {"rel_error": 0.5, "survived": False},
+         "t2": {"rel_error": 0.7, "survived": True}, "t3": {"rel_error": 0.5, "survived": True},
+         "t4": {"rel_error": 0.9, "survived": True}, "only_b": {"rel_error": 0.0, "survived": True}}
+    r = breakdown.paired(a, b, n_boot=2000)
+    assert r["tasks"] == 5
+    assert r["median_a"] == 0.5 and r["median_b"] == 0.5 and r["median_diff"] == 0.0
+    assert (r["b_better"], r["b_worse"]) == (1, 2)
+    assert r["sign_p"] == 1.0 and breakdown._sign_test_p(0, 10) == 2 / 1024
+    assert r["survival_a"] == 0.6 and r["survival_b"] == 0.8 and abs(r["survival_diff"] - 0.2) < 1e-12
+    assert (r["a_only"], r["b_only"]) == (1, 2)
+    lo, hi = r["median_diff_ci"]
+    assert lo <= 0.0 <= hi
+    text = breakdown.paired_markdown("a", "b", r)
+    assert "+0.0 points" in text and "better on 1 tasks, worse on 2" in text
+
+
+def test_paired_option_names_a_missing_method(tmp_path):
+    _run(tmp_path)
+    import pytest
+
+    with pytest.raises(SystemExit, match="--paired dragdiffusion,dragtext: give two methods of the run"):
+        breakdown.main([str(tmp_path / "toybench.json"), "--paired", "dragdiffusion,dragtext"])
