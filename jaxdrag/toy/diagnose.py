@@ -93,7 +93,7 @@ def tracking(pipe, tasks: list[bench.Task], window: int = 3) -> dict:
 def text_sensitivity(pipe, tasks: list[bench.Task], timesteps=(881, 681, 481, 281), seed: int = 0) -> dict:
     """{t: {"empty", "other_caption", "moved_caption"}}: |x̂_0(c') − x̂_0(c)| / |x̂_0(c) − mean z_0|
     (L2 over the batch of ``tasks``' scenes; the same noise for every caption) at each timestep, where
-    c is the scene's caption and c' the empty caption, the next-but-four task's caption, or the
+    c is the scene's caption and c' the empty caption, the caption of the task five places on, or the
     caption of the moved scene (only the position words differ). 681 is the drag's timestep at the
     references' inversion strength 0.7 of 50 steps."""
     from ..schedule import DDIM
