@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 import jaxdrag
 from jaxdrag.toy import toy_paths
 from jaxdrag.toy.bench import make_tasks, segment
+from jaxdrag.toy.breakdown import objects
 
 
 def main() -> int:
@@ -35,19 +36,23 @@ def main() -> int:
     z = np.asarray(pipe.vae_encode(jnp.asarray(np.stack([t.image for t in tasks]))))
     cells = z.shape[1]
     k = tasks[0].image.shape[0] // cells
+    # breakdown's fraction moved, per method: {(task, j): fraction} for the task's j-th move
+    fractions = {}
+    for m in methods:
+        seen: dict = {}
+        for r in objects(per_task[m]):
+            j = seen[r["task"]] = seen.get(r["task"], -1) + 1
+            fractions[m, r["task"], j] = 0.0 if np.isnan(r["fraction"]) else r["fraction"]
     rows = {m: [] for m in methods}
     for t, zt in zip(tasks, z):
-        for i, dx, dy in t.moves:
+        for j, (i, _, _) in enumerate(t.moves):
             f = segment(t.image, t.spec.objects[i].colour).reshape(cells, k, cells, k).mean(axis=(1, 3))
             inside, ring = f > 0.9, binary_dilation(f > 0.05) & (f == 0)
             if not inside.any() or not ring.any():
                 continue
             contrast = float(np.linalg.norm(zt[inside].mean(0) - zt[ring].mean(0)))
-            drag = np.asarray([dx, dy], float)
             for m in methods:
-                ob = next(o for o in per_task[m][t.name]["objects"] if o["object"] == i)
-                mv = np.asarray(ob["moved"], float)
-                rows[m].append((contrast, float(mv @ drag / (drag @ drag)) if np.isfinite(mv).all() else 0.0))
+                rows[m].append((contrast, fractions[m, t.name, j]))
     for m, r in rows.items():
         c, fr = np.array(r).T
         q = np.quantile(c, [1 / 3, 2 / 3])

@@ -96,9 +96,9 @@ def text_sensitivity(pipe, tasks: list[bench.Task], timesteps=(881, 681, 481, 28
     c is the scene's caption and c' the empty caption, the caption of the task five places on, or the
     caption of the moved scene (only the position words differ). 681 is the drag's timestep at the
     references' inversion strength 0.7 of 50 steps."""
-    from ..schedule import DDIM
+    from ..schedule import DDIM, add_noise, predict_x0
 
-    ab = DDIM().alphas_cumprod
+    sched = DDIM()
     z0 = pipe.vae_encode(jnp.asarray(np.stack([t.image for t in tasks])))
     n = len(tasks)
     caps = {"scene": [t.prompt for t in tasks], "empty": [""] * n,
@@ -107,9 +107,8 @@ def text_sensitivity(pipe, tasks: list[bench.Task], timesteps=(881, 681, 481, 28
     emb = {k: pipe.encode_prompt(v) for k, v in caps.items()}
     out = {}
     for i, t in enumerate(timesteps):
-        a = float(ab[t])
-        zt = np.sqrt(a) * z0 + np.sqrt(1 - a) * jax.random.normal(jax.random.PRNGKey(seed + i), z0.shape)
-        x0 = {k: (zt - np.sqrt(1 - a) * pipe.unet(zt, t, e)) / np.sqrt(a) for k, e in emb.items()}
+        zt = add_noise(sched, z0, jax.random.normal(jax.random.PRNGKey(seed + i), z0.shape), jnp.full((n,), t))
+        x0 = {k: predict_x0(sched, zt, pipe.unet(zt, t, e), t) for k, e in emb.items()}
         spread = float(jnp.linalg.norm(x0["scene"] - z0.mean()))
         out[int(t)] = {k: float(jnp.linalg.norm(x0[k] - x0["scene"])) / spread
                        for k in ("empty", "other_caption", "moved_caption")}

@@ -4,6 +4,7 @@ capped split, the iterations per tracked supervision pixel, the files written.""
 import json
 
 import numpy as np
+import pytest
 
 from jaxdrag.toy import breakdown
 
@@ -66,7 +67,7 @@ def test_md_ratio_is_dragbench_statistic(tmp_path):
     assert f"| dragdiffusion | {r['md_px']:.2f} | 15.00 | 57.5 % | 33 % | 33.21 | 63.5 % |" in md
 
 
-def test_paired_comparison_on_hand_made_tasks(tmp_path):
+def test_paired_comparison_on_hand_made_tasks():
     """B beats A on 1 task of 4 and loses on 2 (one tie); the medians, counts, the exact sign-test p
     (two-sided, 1 of 3: p = 2 · 4/8 → 1.0) and the survival split are the hand-computed ones; a
     vanished object (infinite error) is left out of the task counts, not of the medians."""
@@ -91,7 +92,5 @@ def test_paired_comparison_on_hand_made_tasks(tmp_path):
 
 def test_paired_option_names_a_missing_method(tmp_path):
     _run(tmp_path)
-    import pytest
-
     with pytest.raises(SystemExit, match="--paired dragdiffusion,dragtext: give two methods of the run"):
         breakdown.main([str(tmp_path / "toybench.json"), "--paired", "dragdiffusion,dragtext"])

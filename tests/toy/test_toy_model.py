@@ -108,8 +108,8 @@ def test_the_caption_steers_colour_and_shape_not_position(toy_pipe):
     """At the drag's timestep (681) the committed model's clean-image prediction follows the caption's
     objects (empty caption: 0.48 of x̂_0's spread on 16 tasks, another scene's caption: 0.40) and
     hardly its position words (the moved scene's caption: 0.012) — measured 2026-12-07, the reason
-    DragText's text variable finds no layout to release on this model (README "Why DragText does not
-    help here"). Four tasks here; thresholds with margin."""
+    DragText's text variable finds no layout to release on this model (weights/toy-sd15/README.md,
+    "Session 4"). Four tasks here; thresholds with margin."""
     from jaxdrag.toy.diagnose import text_sensitivity
 
     r = text_sensitivity(toy_pipe, bench.make_tasks(4), timesteps=(681,))[681]
