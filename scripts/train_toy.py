@@ -45,6 +45,10 @@ def _args(argv):
                          "every stage's data seed so that a warm restart does not replay the batches of the last")
     ap.add_argument("--unet-lr", type=float, default=None,
                     help="peak learning rate of the UNet stage (default the recipe's; lower it for a warm restart)")
+    ap.add_argument("--latent-scale", type=float, default=1.0,
+                    help="input scaling b (Chen 2023, 'On the importance of noise scheduling'): the UNet is "
+                         "trained on latents of std b instead of 1 (scaling factor b / std), which shifts every "
+                         "timestep's log-SNR by 2 log b (noisier for b < 1); exported as the VAE's scaling_factor")
     return ap.parse_args(argv)
 
 
@@ -149,8 +153,10 @@ def main(argv=None) -> int:
 
     # ---- encoded data
     data = T.encode_dataset(vae, vae_params, args.scenes, work, log)
-    sf = float(data["scaling_factor"])
-    log(f"[data] {len(data['means'])} scenes, scaling factor {sf:.5f}")
+    if not args.latent_scale > 0:
+        raise SystemExit(f"error: --latent-scale {args.latent_scale}: must be > 0")
+    sf = float(data["scaling_factor"]) * args.latent_scale
+    log(f"[data] {len(data['means'])} scenes, scaling factor {sf:.5f} (latent scale {args.latent_scale:g})")
 
     # ---- UNet + text encoder
     unet_stage = reseed(replace(T.UNET_STAGE, steps=args.unet_steps, lr=pick(args.unet_lr, T.UNET_STAGE.lr)))
@@ -195,7 +201,7 @@ def main(argv=None) -> int:
     # ---- export
     if "export" in stages:
         info = {"world": "jaxdrag.toy.world", "world_version": world.VERSION, "scaling_factor": sf,
-                "init_from": None if args.init_from is None else "the committed model (warm start)",
+                "latent_scale": args.latent_scale, "init_from": None if args.init_from is None else "the committed model (warm start)",
                 "session": args.session,
                 "steps": {"vae": vae_stage.steps, "unet": unet_stage.steps, "clip": clip_stage.steps,
                           "vae_decoder": dec_stage.steps}}
