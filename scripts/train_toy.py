@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     args.scenes = pick(args.scenes, T.N_TRAIN_SCENES)
     if args.session < 1:
         raise SystemExit(f"error: --session {args.session}: sessions count from 1")
+    if not args.latent_scale > 0:  # also rejects nan
+        raise SystemExit(f"error: --latent-scale {args.latent_scale}: must be > 0")
     reseed = lambda st: replace(st, seed=st.seed + 1000 * (args.session - 1))
     init = _initial(args.init_from)
     stages = set(args.stages.split(","))
@@ -153,8 +155,6 @@ def main(argv=None) -> int:
 
     # ---- encoded data
     data = T.encode_dataset(vae, vae_params, args.scenes, work, log)
-    if not args.latent_scale > 0:
-        raise SystemExit(f"error: --latent-scale {args.latent_scale}: must be > 0")
     sf = float(data["scaling_factor"]) * args.latent_scale
     log(f"[data] {len(data['means'])} scenes, scaling factor {sf:.5f} (latent scale {args.latent_scale:g})")
 
