@@ -19,8 +19,8 @@ def train_main():
     (["--session", "0"], "error: --session 0: sessions count from 1"),
 ])
 def test_bad_settings_stop_with_one_line(train_main, tmp_path, argv, message):
+    # --devices 1: the script then leaves XLA_FLAGS alone (later subprocesses of the suite inherit it)
     with pytest.raises(SystemExit) as e:
         train_main(argv + ["--devices", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert str(e.value) == message
     assert not (tmp_path / "work").exists()  # nothing ran
-# --devices 1: the script leaves XLA_FLAGS alone, so later subprocesses of the suite are unaffected
