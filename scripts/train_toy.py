@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     # ---- export
     if "export" in stages:
         info = {"world": "jaxdrag.toy.world", "world_version": world.VERSION, "scaling_factor": sf,
-                "latent_scale": args.latent_scale, "init_from": None if args.init_from is None else "the committed model (warm start)",
+                "latent_scale": args.latent_scale,
+                "init_from": None if args.init_from is None else "the committed model (warm start)",
                 "session": args.session,
                 "steps": {"vae": vae_stage.steps, "unet": unet_stage.steps, "clip": clip_stage.steps,
                           "vae_decoder": dec_stage.steps}}
